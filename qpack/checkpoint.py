@@ -1,0 +1,178 @@
+"""Reading the checkpoints people actually have, without running code from them.
+
+``torch.load(weights_only=True)`` reads tensors, containers and plain scalars but refuses
+arbitrary pickled objects; a whole pickled ``nn.Module`` needs ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .dtypes import name_of_dtype
+from .errors import InputError
+from .format import MAGIC
+
+__all__ = ["Checkpoint", "read_checkpoint", "from_mapping"]
+
+#: keys under which training scripts nest the model's state dict, in order of preference
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+
+
+@dataclass
+class Checkpoint:
+    """A state dict ready to pack: tensors in order, plus what was left out or kept aside."""
+
+    tensors: dict[str, torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+    #: plain scalars and strings found among the tensors, kept as file metadata
+    scalars: dict[str, str] = field(default_factory=dict)
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
+    """Load a .pt/.pth/.bin/.ckpt file (zip or legacy format) as a state dict, on the CPU.
+
+    Args:
+        path: the checkpoint.
+        trust_pickle: allow arbitrary pickled objects (a whole ``nn.Module``); unpickling
+            runs code from the file, so only for files you trust.
+
+    Raises:
+        InputError: the file is missing, not a checkpoint, or holds no usable state dict.
+    """
+    path = Path(path)
+    _check_input_file(path)
+    obj = _torch_load(path, trust_pickle)
+    return from_mapping(obj, source=str(path))
+
+
+def _check_input_file(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a checkpoint file")
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(MAGIC))
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    if not head:
+        raise InputError(f"{path} is empty")
+    if head == MAGIC:
+        raise InputError(f"{path} is already a .qpk file; use 'qpack unpack' or 'qpack info' on it")
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=is_zip)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            found = _unsupported_global(text)
+            raise InputError(
+                f"{path} holds pickled Python objects{found}, not just tensors (a whole nn.Module?); "
+                "re-run with --trust-pickle only if you trust the file: unpickling runs its code"
+            ) from None
+        raise InputError(f"{path} is not a PyTorch checkpoint: {_first_line(text)}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError,
+            ModuleNotFoundError, TypeError, KeyError, IndexError, UnicodeDecodeError,
+            zipfile.BadZipFile, MemoryError, OverflowError) as exc:
+        raise InputError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {_first_line(str(exc))}") from None
+
+
+def _unsupported_global(text: str) -> str:
+    marker = "Unsupported global: GLOBAL "
+    if marker in text:
+        name = text.split(marker, 1)[1].split()[0].rstrip(".,")
+        return f" (found {name})"
+    return ""
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:200] if lines else "unknown error"
+
+
+def from_mapping(obj: Any, *, source: str = "the input") -> Checkpoint:
+    """Find the state dict inside a loaded object and check every tensor can be stored.
+
+    A training checkpoint's model weights nested under one of NESTED_KEYS are taken and the
+    rest (optimizer state, counters) is left out with a note. Nested dicts of tensors are
+    flattened with dots. Plain scalars and strings are kept as metadata; other values are
+    left out with a note.
+    """
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{source} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+    notes: list[str] = []
+    if not _holds_tensors(obj):
+        for key in NESTED_KEYS:
+            value = obj.get(key)
+            if isinstance(value, torch.nn.Module):
+                value = value.state_dict()
+            if isinstance(value, Mapping) and _holds_tensors(value):
+                rest = [str(k) for k in obj if k != key]
+                if rest:
+                    notes.append(f"took the state dict under {key!r}; left out {', '.join(rest[:8])}"
+                                 + (f" and {len(rest) - 8} more" if len(rest) > 8 else ""))
+                obj = value
+                break
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, str] = {}
+    skipped: list[str] = []
+    _flatten(obj, "", tensors, scalars, skipped)
+    if not tensors:
+        found = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:6])
+        raise InputError(f"{source} holds no tensors (found {{{found}}})")
+    if skipped:
+        notes.append(f"left out {len(skipped)} non-tensor value(s): {', '.join(skipped[:6])}")
+    if scalars:
+        notes.append(f"kept {len(scalars)} scalar value(s) as metadata (state.<name>)")
+    for name, tensor in tensors.items():
+        _check_tensor(name, tensor)
+    return Checkpoint(tensors, notes, scalars)
+
+
+def _holds_tensors(obj: Mapping) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _flatten(obj: Mapping, prefix: str, tensors: dict, scalars: dict, skipped: list) -> None:
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value
+        elif isinstance(value, Mapping):
+            _flatten(value, f"{name}.", tensors, scalars, skipped)
+        elif isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+            scalars[f"state.{name}"] = json.dumps(value)
+        else:
+            skipped.append(f"{name} ({type(value).__name__})")
+
+
+def _check_tensor(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_meta:
+        raise InputError(f"tensor {name!r} is on the meta device: it has a shape but no values to store")
+    if tensor.is_sparse or tensor.layout != torch.strided:
+        raise InputError(f"tensor {name!r} is sparse ({tensor.layout}); convert it with .to_dense() first")
+    if tensor.is_quantized:
+        raise InputError(f"tensor {name!r} is already quantized ({tensor.dtype}); dequantize it first")
+    if tensor.is_complex():
+        raise InputError(f"tensor {name!r} is complex ({tensor.dtype}), which .qpk does not store")
+    if name_of_dtype(tensor.dtype) is None:
+        raise InputError(f"tensor {name!r} has dtype {tensor.dtype}, which .qpk does not store")

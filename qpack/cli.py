@@ -1,0 +1,281 @@
+"""The ``qpack`` command: a thin shell over qpack.api. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "EXIT_CODES"]
+
+#: exit status -> meaning (also printed by ``qpack --help``)
+EXIT_CODES = {
+    0: "success",
+    1: "verify found a problem, or another qpack error",
+    2: "bad input or usage (missing file, not a checkpoint, bad option)",
+    3: "the output exists (pass --force to replace it)",
+    4: "not a valid .qpk file (corrupted, truncated, unsupported version)",
+    5: "operating-system error while reading or writing (disk full, permission)",
+    130: "interrupted",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``qpack`` command (the CLI reference is generated from it)."""
+    parser = argparse.ArgumentParser(
+        prog="qpack",
+        description="Pack PyTorch state dicts into compact .qpk files (uniform or k-means quantization) and back.",
+        epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items()),
+    )
+    parser.add_argument("--version", action="version", version=f"qpack {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("pack", help="quantize a checkpoint into a .qpk file",
+                       description="Quantize a checkpoint (.pt/.pth/.bin/.ckpt) into a .qpk file.")
+    p.add_argument("input", help="the checkpoint to pack")
+    p.add_argument("-o", "--output", help="the .qpk file to write (default: INPUT with .qpk)")
+    p.add_argument("-b", "--bits", action="append", default=[], metavar="B|GLOB=B",
+                   help="index bits, 1-16 (default 8); GLOB=B sets the bits of matching tensors (repeatable)")
+    p.add_argument("-m", "--method", default="uniform", choices=["uniform", "kmeans"],
+                   help="uniform min/max grid, or k-means codebook (default uniform)")
+    p.add_argument("-g", "--granularity", default="tensor", choices=["tensor", "channel"],
+                   help="one min/max or codebook per tensor, or per output channel (default tensor)")
+    p.add_argument("--bias-bits", type=int, metavar="N",
+                   help="also quantize 1-D float tensors (biases, norm weights) at N bits")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="keep tensors whose names match GLOB lossless (repeatable)")
+    p.add_argument("--min-numel", type=int, default=64, metavar="N",
+                   help="float tensors with fewer elements stay lossless (default 64)")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="store a metadata entry in the file (repeatable)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints holding arbitrary pickled objects (runs their code)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = sub.add_parser("unpack", help="write a .qpk file back as a plain state dict",
+                       description="Write a .qpk file back as a plain state dict (torch.save).")
+    p.add_argument("input", help="the .qpk file")
+    p.add_argument("-o", "--output", help="the .pt file to write (default: INPUT with .pt)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = sub.add_parser("info", help="show what a .qpk file holds",
+                       description="Show each tensor of a .qpk file and the totals.")
+    p.add_argument("input", help="the .qpk file")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("verify", help="check a whole .qpk file (exit 0 or 1)",
+                       description="Check every rule and checksum of a .qpk file and decode every tensor.")
+    p.add_argument("input", help="the .qpk file")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("demo", help="reproduce the seed MNIST experiment",
+                       description="Train the seed CNN, pack it every way, and evaluate each .qpk file.")
+    _configure_demo(p)
+    return parser
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    try:
+        from .demo.cli import configure_parser
+    except ImportError:  # the demo is being written; the core works without it
+        return
+    configure_parser(parser)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see EXIT_CODES)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="qpack: %(message)s")
+    from .errors import QpkError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except QpkError as exc:
+        return _fail(args, str(exc), exc.exit_code)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(args, f"{where}{exc.strerror or exc}", 5)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", 130)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.debug:
+        traceback.print_exc()
+    print(f"qpack: error: {message}", file=sys.stderr)
+    return code
+
+
+def _parse_bits(values: list[str]) -> tuple[int, dict[str, int]]:
+    from .errors import InputError
+
+    bits, overrides = 8, {}
+    for value in values:
+        pattern, _, number = value.rpartition("=")
+        try:
+            parsed = int(number)
+        except ValueError:
+            raise InputError(f"bits must be a number or GLOB=NUMBER, got {value!r}") from None
+        if pattern:
+            overrides[pattern] = parsed
+        else:
+            bits = parsed
+    return bits, overrides
+
+
+def _parse_meta(values: list[str]) -> dict[str, str]:
+    from .errors import InputError
+
+    meta = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise InputError(f"--meta takes KEY=VALUE, got {value!r}")
+        meta[key] = text
+    return meta
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from . import api
+
+    bits, overrides = _parse_bits(args.bits)
+    output = Path(args.output) if args.output else Path(args.input).with_suffix(".qpk")
+    report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
+                      bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
+                      min_numel=args.min_numel, force=args.force, metadata=_parse_meta(args.meta),
+                      trust_pickle=args.trust_pickle)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif not args.quiet:
+        for note in report.notes:
+            print(f"note: {note}")
+        print(_pack_summary(report))
+    return 0
+
+
+def _pack_summary(report: Any) -> str:
+    groups: Counter[tuple[str, int, str]] = Counter()
+    params: Counter[tuple[str, int, str]] = Counter()
+    for row in report.tensors:
+        key = (row.encoding, row.bits, row.reason)
+        groups[key] += 1
+        params[key] += _numel(row.shape)
+    lines = []
+    for (encoding, bits, reason), count in sorted(groups.items(), key=lambda kv: (kv[0][0] == "raw", kv[0])):
+        what = "kept lossless" if encoding == "raw" else f"{encoding} {bits}-bit"
+        lines.append(f"  {what:<16} {count:>5} tensor(s) {params[(encoding, bits, reason)]:>13,} values  ({reason})")
+    lines.append(f"{report.path}: {human_bytes(report.file_bytes)} from {human_bytes(report.original_bytes)} "
+                 f"of tensors ({100 * report.ratio:.1f} %) in {report.seconds:.2f} s")
+    return "\n".join(lines)
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _cmd_unpack(args: argparse.Namespace) -> int:
+    from . import api
+
+    output = Path(args.output) if args.output else Path(args.input).with_suffix(".pt")
+    api.unpack(args.input, output, force=args.force)
+    if not args.quiet:
+        print(f"wrote {output}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import api
+
+    report = api.info(args.input)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    header = ["name", "shape", "dtype", "encoding", "bits", "unique", "stored", "rel rms", "SNR dB"]
+    rows = []
+    for t in report.tensors:
+        unique = f"{t.unique_before} -> {t.unique_after}" if t.unique_before is not None else "-"
+        rows.append([t.name, "x".join(map(str, t.shape)) or "()", t.dtype,
+                     t.encoding if t.granularity == "tensor" else f"{t.encoding}/{t.granularity}",
+                     str(t.bits) if t.bits else "-", unique, human_bytes(t.stored_bytes),
+                     "-" if t.rel_rms is None else f"{t.rel_rms:.4f}",
+                     "-" if t.snr_db is None else f"{t.snr_db:.1f}"])
+    print(format_table(header, rows, right={4, 6, 7, 8}))
+    for key, value in sorted(report.metadata.items()):
+        print(f"{key}: {value}")
+    print(f"total: {human_bytes(report.file_bytes)} file for {human_bytes(report.original_bytes)} of tensors "
+          f"({100 * report.ratio:.1f} %, {report.original_bytes / max(report.file_bytes, 1):.2f}x smaller)")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from . import api
+    from .errors import FormatError
+
+    try:
+        count = api.verify(args.input)
+    except FormatError as exc:
+        if args.json:
+            print(json.dumps({"path": args.input, "ok": False, "error": str(exc), "rule": exc.rule}))
+        else:
+            print(f"{args.input}: FAILED: {exc}")
+        return 1
+    if args.json:
+        print(json.dumps({"path": args.input, "ok": True, "tensors": count}))
+    else:
+        print(f"{args.input}: OK ({count} tensors, every checksum and rule checked)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.cli import run
+
+    return run(args)
+
+
+_COMMANDS = {"pack": _cmd_pack, "unpack": _cmd_unpack, "info": _cmd_info, "verify": _cmd_verify,
+             "demo": _cmd_demo}
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def format_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Aligned columns; the columns in ``right`` are right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

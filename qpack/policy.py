@@ -1,0 +1,95 @@
+"""Which tensors get quantized, and how: the default policy and its options."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+
+from .dtypes import is_float_name, name_of_dtype
+from .errors import InputError
+
+__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES"]
+
+METHODS = ("uniform", "kmeans")
+GRANULARITIES = ("tensor", "channel")
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one tensor: ``encoding`` "raw" or a method, with bits and a reason."""
+
+    encoding: str
+    bits: int
+    granularity: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The packing options.
+
+    Args:
+        bits: index width for quantized tensors, 1..16.
+        method: "uniform" (min/max grid) or "kmeans" (codebook).
+        granularity: "tensor" (one min/max or codebook per tensor) or "channel" (per output
+            channel, i.e. per slice along dim 0).
+        bias_bits: also quantize 1-D float tensors (biases, BatchNorm weight and bias) at
+            this width; BatchNorm running statistics always stay raw.
+        exclude: glob patterns of tensor names kept raw.
+        bit_overrides: ``{glob: bits}``; the first matching pattern sets the width, and
+            also quantizes 1-D or small float tensors it matches.
+        min_numel: float tensors with fewer elements stay raw (their parameters would cost
+            more than they save).
+    """
+
+    bits: int = 8
+    method: str = "uniform"
+    granularity: str = "tensor"
+    bias_bits: int | None = None
+    exclude: tuple[str, ...] = ()
+    bit_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    min_numel: int = 64
+
+    def __post_init__(self) -> None:
+        _check_bits("bits", self.bits)
+        if self.bias_bits is not None:
+            _check_bits("bias_bits", self.bias_bits)
+        for pattern, bits in self.bit_overrides:
+            _check_bits(f"bits for {pattern!r}", bits)
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise InputError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        if not isinstance(self.min_numel, int) or self.min_numel < 1:
+            raise InputError(f"min_numel must be a positive integer, got {self.min_numel!r}")
+
+    def decide(self, name: str, tensor: torch.Tensor) -> Decision:
+        """The decision for one tensor, from its name, dtype and shape (not its values)."""
+        dtype_name = name_of_dtype(tensor.dtype)
+        if dtype_name is None or not is_float_name(dtype_name):
+            return Decision("raw", 0, "tensor", "integer or bool")
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            return Decision("raw", 0, "tensor", "excluded")
+        if name.rsplit(".", 1)[-1] in _BN_STATS:
+            return Decision("raw", 0, "tensor", "BatchNorm statistics")
+        if tensor.numel() == 0 or tensor.dim() == 0:
+            return Decision("raw", 0, "tensor", "empty or 0-d")
+        granularity = self.granularity if tensor.dim() >= 2 else "tensor"
+        for pattern, bits in self.bit_overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                return Decision(self.method, bits, granularity, f"--bits {pattern}={bits}")
+        if tensor.dim() >= 2:
+            if tensor.numel() < self.min_numel:
+                return Decision("raw", 0, "tensor", f"small (< {self.min_numel} elements)")
+            return Decision(self.method, self.bits, granularity, "weight")
+        if self.bias_bits is not None:
+            return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)")
+        return Decision("raw", 0, "tensor", "1-D (bias or norm)")
+
+
+def _check_bits(what: str, bits: object) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise InputError(f"{what} must be an integer from 1 to 16, got {bits!r}")
