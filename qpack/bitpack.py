@@ -75,7 +75,7 @@ def pack_bits(indices: torch.Tensor, bits: int) -> torch.Tensor:
                 hi |= cols[:, j] >> (64 - start)
         else:
             hi |= cols[:, j] << (start - 64)
-    return words.view(torch.uint8).view(groups, 16)[:, :bits].reshape(-1)[:nbytes]
+    return words.view(torch.uint8).view(groups, 16)[:, :bits].contiguous().view(-1)[:nbytes]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:

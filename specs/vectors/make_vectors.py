@@ -1,0 +1,113 @@
+"""Write the spec's test vectors: tiny .qpk files and expected.json.
+
+The expected values come from a second, independent reading of the spec: the quantization
+rule, the reconstruction formulas and the bit order are re-implemented here in plain numpy
+(not with qpack's codecs), and the files themselves are written by qpack. tests/
+test_spec_vectors.py checks that qpack decodes each file to exactly these values and that
+the writer still produces the same bytes.
+
+    python specs/vectors/make_vectors.py            # rewrite the vectors
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def vector_inputs() -> dict[str, dict]:
+    """name -> (state dict, pack options). Everything is deterministic."""
+    ramp = torch.tensor([[-1.0, -0.3, 0.4, 1.0], [0.2, 0.9, -0.7, 0.0]])
+    gen = torch.Generator().manual_seed(42)
+    return {
+        "raw_mixed": ({
+            "f32": torch.tensor([[1.5, -2.25, 3.0], [0.0, -0.0, 1e-30]]),
+            "i64_scalar": torch.tensor(-7, dtype=torch.int64),
+            "flags": torch.tensor([True, False, True, True]),
+            "bf16": torch.tensor([0.1, -3.5, 65504.0], dtype=torch.bfloat16),
+            "empty": torch.empty(0, 2),
+        }, {"exclude": ["*"]}),
+        "uniform_b2": ({"w": ramp}, {"bits": 2, "min_numel": 1}),
+        "uniform_channel_b5_f16": ({"w": (torch.randn(3, 7, generator=gen) * 0.1).to(torch.float16)},
+                                   {"bits": 5, "granularity": "channel", "min_numel": 1}),
+        "uniform_b13": ({"w": torch.randn(2, 11, generator=gen)}, {"bits": 13, "min_numel": 1}),
+        "kmeans_b3": ({"w": torch.tensor([[0.5, 0.5, -1.0, 2.0], [2.0, 0.25, -1.0, 0.5],
+                                          [0.25, 0.25, 7.0, -3.0]])},
+                      {"bits": 3, "method": "kmeans", "min_numel": 1}),
+    }
+
+
+# ---- the spec, re-implemented in numpy ------------------------------------------------------
+
+def spec_pack(indices: np.ndarray, bits: int) -> bytes:
+    """Section 4: LSB-first bit stream."""
+    bit_matrix = (indices.astype(np.uint64)[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)
+    return np.packbits(bit_matrix.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
+
+
+def spec_uniform(values: np.ndarray, bits: int, channels: int) -> tuple[np.ndarray, bytes]:
+    """Section 3.2: writer's choice of indices and the exact float32 reconstruction."""
+    rows = values.astype(np.float32).reshape(channels, -1)
+    lo, hi = rows.min(1, keepdims=True), rows.max(1, keepdims=True)
+    levels = np.float32((1 << bits) - 1)
+    step = np.float32(hi - lo) / levels
+    safe = np.where(step > 0, step, np.float32(1))
+    q = np.clip(np.rint((rows - lo) / safe), 0, levels)
+    q = np.where(step > 0, q, 0).astype(np.int64)
+    rebuilt = (lo + (step * q.astype(np.float32)).astype(np.float32)).astype(np.float32)
+    return rebuilt, spec_pack(q.reshape(-1), bits)
+
+
+def spec_kmeans_decode(codebook: np.ndarray, packed: bytes, bits: int, count: int) -> np.ndarray:
+    bits_array = np.unpackbits(np.frombuffer(packed, np.uint8), bitorder="little")[: count * bits]
+    q = (bits_array.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(1)
+    return codebook[q]
+
+
+def expected_for(name: str, state: dict, reader) -> dict:
+    out = {}
+    for key, tensor in state.items():
+        entry = reader.entry(key)
+        record = {"dtype": entry.dtype, "shape": list(entry.shape), "encoding": entry.encoding}
+        if entry.encoding == "raw":
+            values = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+            record["value_bytes_hex"] = values.hex()
+        elif entry.encoding == "uniform":
+            channels = entry.shape[0] if entry.granularity == "channel" else 1
+            rebuilt, packed = spec_uniform(tensor.float().numpy(), entry.bits, channels)
+            final = torch.from_numpy(rebuilt.reshape(entry.shape)).to(tensor.dtype)
+            record["payload_hex"] = packed.hex()
+            record["value_bytes_hex"] = final.contiguous().view(torch.uint8).numpy().tobytes().hex()
+        else:  # kmeans: the codebook is the writer's choice; decoding follows the spec
+            book = np.frombuffer(entry.params["codebook"], "<f4")
+            payload = reader.read_payload(key).numpy().tobytes()
+            values = spec_kmeans_decode(book, payload, entry.bits, int(np.prod(entry.shape)))
+            record["codebook"] = book.tolist()
+            record["value_bytes_hex"] = torch.from_numpy(values.reshape(entry.shape).astype(np.float32)).to(tensor.dtype).view(torch.uint8).numpy().tobytes().hex()
+        out[key] = record
+    return out
+
+
+def main() -> int:
+    sys.path.insert(0, str(HERE.parents[1]))
+    import qpack
+
+    expected = {}
+    for name, (state, options) in vector_inputs().items():
+        path = HERE / f"{name}.qpk"
+        qpack.pack(state, path, force=True, **options)
+        with qpack.QpkReader(path) as reader:
+            expected[name] = {"options": options, "tensors": expected_for(name, state, reader)}
+    (HERE / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    print(f"wrote {len(expected)} vectors to {HERE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

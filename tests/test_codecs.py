@@ -1,0 +1,107 @@
+"""Quantizer properties for every width, both methods, through the file format."""
+
+import numpy as np
+import pytest
+import torch
+
+import qpack
+from qpack.codecs import uniform
+
+SHAPES = [(64, 9), (3, 5, 7)]
+
+
+def laplace(shape, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.empty(shape).exponential_(generator=gen) * torch.sign(torch.rand(shape, generator=gen) - 0.5) * 0.05).to(dtype)
+
+
+def pack_one(tmp_path, tensor, **options):
+    path = tmp_path / "t.qpk"
+    report = qpack.pack({"w": tensor}, path, min_numel=1, force=True, **options)
+    with qpack.QpkReader(path) as reader:
+        entry = reader.entry("w")
+        payload = reader.read_payload("w")
+        restored = reader.tensor("w")
+    return report, entry, payload, restored
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_uniform_every_width(tmp_path, bits, granularity):
+    w = laplace((40, 12), seed=bits)
+    _, entry, payload, restored = pack_one(tmp_path, w, bits=bits, granularity=granularity)
+    assert entry.encoding == "uniform" and entry.bits == bits
+    channels = 40 if granularity == "channel" else 1
+    lo = torch.from_numpy(np.frombuffer(entry.params["min"], "<f4").copy())
+    hi = torch.from_numpy(np.frombuffer(entry.params["max"], "<f4").copy())
+    assert lo.numel() == channels
+    rows = w.reshape(channels, -1)
+    assert torch.equal(lo, rows.amin(1)) and torch.equal(hi, rows.amax(1))
+    step = uniform.step_of(lo, hi, bits)[:, None]
+    # every value on the grid: some integer index in range reproduces it exactly
+    idx = torch.round((restored.reshape(channels, -1) - lo[:, None]) / step)
+    assert idx.min() >= 0 and idx.max() <= (1 << bits) - 1
+    assert torch.equal(lo[:, None] + idx * step, restored.reshape(channels, -1))
+    # error at most half a step (plus float32 rounding of the grid itself)
+    err = (restored.reshape(channels, -1) - rows).abs()
+    assert bool((err <= step / 2 * (1 + 1e-5) + 1e-7).all())
+    for row in restored.reshape(channels, -1):
+        assert torch.unique(row).numel() <= 1 << bits
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_kmeans_every_width(tmp_path, bits):
+    w = laplace((50, 40), seed=100 + bits)
+    report, entry, payload, restored = pack_one(tmp_path, w, bits=bits, method="kmeans")
+    assert entry.encoding == "kmeans" and entry.bits == bits
+    book = np.frombuffer(entry.params["codebook"], "<f4")
+    assert 1 <= entry.params["codebook_size"] == book.size <= 1 << bits
+    assert np.all(np.diff(book) > 0)  # sorted, distinct
+    values = restored.numpy().reshape(-1)
+    assert np.isin(values, book).all()
+    assert np.unique(values).size <= 1 << bits
+    # every value snapped to its nearest centroid
+    nearest = book[np.abs(w.numpy().reshape(-1, 1) - book[None, :]).argmin(1)]
+    assert np.allclose(values, nearest, rtol=0, atol=1e-7)
+
+
+def test_kmeans_beats_uniform_at_three_bits(tmp_path):
+    # the seed experiment's claim: k-means puts its levels where the weights are
+    w = laplace((200, 50), seed=3)
+    _, _, _, uni = pack_one(tmp_path, w, bits=3)
+    _, _, _, km = pack_one(tmp_path, w, bits=3, method="kmeans")
+    assert float(((km - w) ** 2).sum()) < 0.5 * float(((uni - w) ** 2).sum())
+
+
+def test_kmeans_exact_when_few_distinct_values(tmp_path):
+    w = torch.tensor([0.5, -0.25, 0.125, 0.5, 3.0] * 20).reshape(10, 10)
+    _, entry, _, restored = pack_one(tmp_path, w, bits=3, method="kmeans")
+    assert torch.equal(restored, w)
+    assert entry.params["codebook_size"] == 4
+
+
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+def test_constant_tensor(tmp_path, method):
+    w = torch.full((10, 10), 0.75)
+    _, entry, _, restored = pack_one(tmp_path, w, bits=4, method=method)
+    assert entry.encoding == method
+    assert torch.equal(restored, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+def test_other_float_dtypes_come_back_in_their_dtype(tmp_path, dtype, method):
+    w = laplace((30, 20), seed=7, dtype=dtype)
+    _, entry, _, restored = pack_one(tmp_path, w, bits=8, method=method)
+    assert entry.dtype == str(dtype).removeprefix("torch.")
+    assert restored.dtype == dtype and restored.shape == w.shape
+    rel = float((restored.double() - w.double()).norm() / w.double().norm())
+    assert rel < 0.02
+
+
+def test_uniform_spec_worked_example():
+    # specs/qpk-format.md 3.2: min -1, max 1, bits 2
+    params = {"min": torch.tensor([-1.0]), "max": torch.tensor([1.0])}
+    out = uniform.dequantize(torch.tensor([0, 1, 2, 3], dtype=torch.int32), params, 2, (4,), torch.float32)
+    assert uniform.step_of(params["min"], params["max"], 2).view(torch.int32).item() == 0x3F2AAAAB
+    assert out.tolist() == [-1.0, -0.333333313465118408203125, 0.33333337306976318359375, 1.0]
