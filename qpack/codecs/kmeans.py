@@ -50,7 +50,7 @@ def dequantize(
     codebook = params["codebook"]
     channels, width = codebook.shape
     flat_book = codebook.reshape(-1)
-    idx = indices.reshape(channels, -1)
+    idx = indices.reshape(channels, -1).to(torch.int32)
     if channels > 1:
         idx = idx + (torch.arange(channels, device=idx.device, dtype=idx.dtype) * width)[:, None]
     return flat_book.index_select(0, idx.reshape(-1)).reshape(shape).to(dtype)
