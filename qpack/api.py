@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -17,43 +16,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import zstandard
 
-from . import __version__, codecs
-from .bitpack import pack_bits
+from . import __version__
 from .checkpoint import from_mapping, read_checkpoint
-from .dtypes import itemsize, name_of_dtype
+from .dtypes import itemsize
+from .encoder import TensorReport, encode_tensor
 from .errors import InputError
-from .format import TensorEntry, expected_raw_length
-from .policy import Decision, Policy
+from .format import TensorEntry
+from .policy import Policy
 from .reader import QpkReader, decode_payload
 from .writer import QpkWriter, atomic_output, check_output_path
 
 __all__ = ["pack", "load", "load_into", "unpack", "info", "verify", "PackReport", "TensorReport"]
 
 log = logging.getLogger("qpack")
-_local = threading.local()
-ZSTD_LEVEL = 3
-
-
-@dataclass
-class TensorReport:
-    """What happened to one tensor (also what ``info`` shows)."""
-
-    name: str
-    shape: list[int]
-    dtype: str
-    encoding: str
-    bits: int
-    granularity: str
-    original_bytes: int
-    stored_bytes: int
-    unique_before: int | None = None
-    unique_after: int | None = None
-    rel_rms: float | None = None
-    snr_db: float | None = None
-    reason: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,92 +151,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _compressor() -> zstandard.ZstdCompressor:
-    cctx = getattr(_local, "cctx", None)
-    if cctx is None:
-        cctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True,
-                                                      write_checksum=False)
-    return cctx
-
-
-def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[TensorEntry, memoryview | bytes, TensorReport]:
-    """Encode one tensor as ``decision`` says: its header entry, stored payload and report row.
-
-    A tensor to quantize that holds NaN or Inf is stored raw instead (spec: writers never
-    quantize non-finite values), so no value is lost.
-    """
-    tensor = tensor.detach()
-    dtype = name_of_dtype(tensor.dtype)
-    assert dtype is not None
-    shape = tuple(tensor.shape)
-    row = TensorReport(name, list(shape), dtype, decision.encoding, decision.bits,
-                       decision.granularity, tensor.numel() * itemsize(dtype), 0, reason=decision.reason)
-    if decision.encoding != "raw":
-        work = tensor.to("cpu")
-        if not bool(torch.isfinite(work).all()):
-            decision = Decision("raw", 0, "tensor", "holds NaN or Inf: stored raw")
-            row.encoding, row.bits, row.granularity, row.reason = "raw", 0, "tensor", decision.reason
-    if decision.encoding == "raw":
-        raw = codecs.raw.encode(tensor)
-        entry = TensorEntry(name, dtype, shape, "raw", 0, "tensor", {},
-                            raw_length=expected_raw_length(dtype, shape, "raw", 0))
-        row.rel_rms = 0.0
-        entry.compression, stored = _compress(raw)
-        return entry, stored, row
-    codec = codecs.QUANTIZERS[decision.encoding]
-    channels = shape[0] if decision.granularity == "channel" else 1
-    params = codec.choose_params(work, decision.bits, channels)
-    indices = codec.quantize(work, params, decision.bits)
-    packed = pack_bits(indices, decision.bits).numpy()
-    entry = TensorEntry(name, dtype, shape, decision.encoding, decision.bits, decision.granularity,
-                        _params_to_header(params),
-                        raw_length=expected_raw_length(dtype, shape, decision.encoding, decision.bits))
-    rebuilt = codec.dequantize(indices, params, decision.bits, shape, tensor.dtype)
-    row.unique_before = int(torch.unique(work).numel())
-    row.unique_after = int(torch.count_nonzero(torch.bincount(indices, minlength=1)))
-    row.rel_rms, row.snr_db = _error_stats(work, rebuilt)
-    row.params = _params_for_report(params)
-    entry.stats = {"unique_before": row.unique_before, "unique_after": row.unique_after,
-                   "rel_rms": row.rel_rms}
-    if row.snr_db is not None:
-        entry.stats["snr_db"] = row.snr_db
-    entry.compression, stored = _compress(memoryview(packed))
-    return entry, stored, row
-
-
-def _compress(raw: memoryview) -> tuple[str, memoryview | bytes]:
-    """The stored form of a payload: zstd when that is smaller, else the bytes as they are."""
-    if len(raw) > 64:
-        compressed = _compressor().compress(raw)
-        if len(compressed) < len(raw):
-            return "zstd", compressed
-    return "none", raw
-
-
-def _params_to_header(params: dict[str, torch.Tensor]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        out[key] = value.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-    if "codebook" in params:
-        out["codebook_size"] = int(params["codebook"].shape[-1])
-    return out
-
-
-def _params_for_report(params: dict[str, torch.Tensor]) -> dict[str, Any]:
-    return {key: value.reshape(-1).tolist() if value.numel() <= 256 else f"{value.numel()} values"
-            for key, value in params.items()}
-
-
-def _error_stats(original: torch.Tensor, rebuilt: torch.Tensor) -> tuple[float, float | None]:
-    reference = original.to(torch.float64)
-    error = rebuilt.to(torch.float64) - reference
-    signal = float(torch.sum(reference * reference))
-    noise = float(torch.sum(error * error))
-    rel_rms = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
-    snr_db = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None
-    return rel_rms, snr_db
 
 
 # -- read side ---------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ def choose_params(tensor: torch.Tensor, bits: int, channels: int = 1) -> dict[st
     Returns:
         ``{"min": Tensor[channels], "max": Tensor[channels]}`` in float32.
     """
-    rows = _rows(tensor, channels)
-    return {"min": rows.amin(dim=1), "max": rows.amax(dim=1)}
+    rows = tensor.reshape(channels, -1)  # min and max are exact in any dtype: no float32 copy
+    return {"min": rows.amin(dim=1).to(torch.float32), "max": rows.amax(dim=1).to(torch.float32)}
 
 
 def quantize(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:

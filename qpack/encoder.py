@@ -1,0 +1,174 @@
+"""Encoding one tensor: the chosen codec, run block by block so memory stays bounded.
+
+A quantized tensor never has more than a block's worth of float temporaries alive: the
+indices are gathered in their narrowest integer type, packed, and the error statistics are
+accumulated block by block.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zstandard
+
+from . import codecs
+from .bitpack import pack_bits, packed_size
+from .dtypes import itemsize, name_of_dtype
+from .format import TensorEntry, expected_raw_length
+from .policy import Decision
+
+__all__ = ["TensorReport", "encode_tensor", "BLOCK_ELEMENTS", "UNIQUE_LIMIT"]
+
+#: elements per block of quantization work (a multiple of 8)
+BLOCK_ELEMENTS = 1 << 21
+#: distinct values are counted for tensors up to this size (sorting more is slow)
+UNIQUE_LIMIT = 1 << 24
+ZSTD_LEVEL = 3
+_local = threading.local()
+
+
+@dataclass
+class TensorReport:
+    """What happened to one tensor (also what ``info`` shows)."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    encoding: str
+    bits: int
+    granularity: str
+    original_bytes: int
+    stored_bytes: int
+    unique_before: int | None = None
+    unique_after: int | None = None
+    rel_rms: float | None = None
+    snr_db: float | None = None
+    reason: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe; one per thread
+    cctx = getattr(_local, "cctx", None)
+    if cctx is None:
+        cctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True,
+                                                      write_checksum=False)
+    return cctx
+
+
+def compress(raw: memoryview) -> tuple[str, memoryview | bytes]:
+    """The stored form of a payload: zstd when that is smaller, else the bytes as they are."""
+    if len(raw) > 64:
+        compressed = _compressor().compress(raw)
+        if len(compressed) < len(raw):
+            return "zstd", compressed
+    return "none", raw
+
+
+def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[TensorEntry, memoryview | bytes, TensorReport]:
+    """Encode one tensor as ``decision`` says.
+
+    Returns:
+        Its header entry (offset, length and crc32 still to be filled by the writer), the
+        payload to store, and its report row.
+
+    A tensor to quantize that holds NaN or Inf is stored raw instead (spec 3.4), so no value
+    is lost; the report row says so.
+    """
+    tensor = tensor.detach().to("cpu")
+    dtype = name_of_dtype(tensor.dtype)
+    assert dtype is not None, "checkpoint validation admits only table dtypes"
+    shape = tuple(tensor.shape)
+    row = TensorReport(name, list(shape), dtype, decision.encoding, decision.bits, decision.granularity,
+                       tensor.numel() * itemsize(dtype), 0, reason=decision.reason)
+    if decision.encoding != "raw" and not _finite(tensor):
+        decision = Decision("raw", 0, "tensor", "holds NaN or Inf: stored raw")
+        row.encoding, row.bits, row.granularity, row.reason = "raw", 0, "tensor", decision.reason
+    if decision.encoding == "raw":
+        entry = TensorEntry(name, dtype, shape, "raw", 0, "tensor", {},
+                            raw_length=expected_raw_length(dtype, shape, "raw", 0))
+        row.rel_rms = 0.0
+        entry.compression, stored = compress(codecs.raw.encode(tensor))
+        return entry, stored, row
+
+    codec = codecs.QUANTIZERS[decision.encoding]
+    bits = decision.bits
+    channels = shape[0] if decision.granularity == "channel" else 1
+    params = codec.choose_params(tensor, bits, channels)
+    packed, counts, signal, noise = _quantize_blocks(codec, tensor, params, bits, channels)
+    entry = TensorEntry(name, dtype, shape, decision.encoding, bits, decision.granularity,
+                        _params_to_header(params),
+                        raw_length=expected_raw_length(dtype, shape, decision.encoding, bits))
+    row.unique_before = int(torch.unique(tensor).numel()) if tensor.numel() <= UNIQUE_LIMIT else None
+    row.unique_after = int(np.count_nonzero(counts))
+    row.rel_rms = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
+    row.snr_db = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None
+    row.params = _params_for_report(params)
+    entry.stats = {"unique_before": row.unique_before, "unique_after": row.unique_after, "rel_rms": row.rel_rms}
+    if row.unique_before is None:
+        del entry.stats["unique_before"]
+    if row.snr_db is not None:
+        entry.stats["snr_db"] = row.snr_db
+    entry.compression, stored = compress(memoryview(packed))
+    return entry, stored, row
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    # min and max propagate NaN and expose +-Inf without a full-size boolean temporary
+    return bool(torch.isfinite(tensor.amin()).item() and torch.isfinite(tensor.amax()).item())
+
+
+def _blocks(numel: int, channels: int) -> list[tuple[int, int, int, int]]:
+    """(first element, end element, first row, end row) of each block of work."""
+    row_len = numel // channels
+    if channels == 1:
+        return [(s, min(numel, s + BLOCK_ELEMENTS), 0, 1) for s in range(0, numel, BLOCK_ELEMENTS)]
+    rows_per_block = max(1, BLOCK_ELEMENTS // max(row_len, 1))
+    return [(r * row_len, min(channels, r + rows_per_block) * row_len, r, min(channels, r + rows_per_block))
+            for r in range(0, channels, rows_per_block)]
+
+
+def _quantize_blocks(codec: Any, tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
+                     channels: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    flat = tensor.reshape(-1)
+    numel = flat.numel()
+    index_dtype = torch.uint8 if bits <= 8 else torch.int32
+    indices = torch.empty(numel, dtype=index_dtype)
+    counts = np.zeros(1 << bits, dtype=np.int64)
+    signal = noise = 0.0
+    for start, end, first_row, end_row in _blocks(numel, channels):
+        block_params = {k: v[first_row:end_row] for k, v in params.items()}
+        values = flat[start:end].to(torch.float32)
+        idx = codec.quantize(values, block_params, bits)
+        rebuilt = codec.dequantize(idx, block_params, bits, (end - start,), tensor.dtype)
+        reference = flat[start:end].to(torch.float64)
+        error = rebuilt.to(torch.float64).sub_(reference)
+        signal += float(torch.dot(reference, reference))
+        noise += float(torch.dot(error, error))
+        counts += np.bincount(idx.numpy(), minlength=1 << bits)
+        indices[start:end] = idx
+    packed = np.empty(packed_size(numel, bits), dtype=np.uint8)
+    for start in range(0, numel, BLOCK_ELEMENTS):  # BLOCK_ELEMENTS is a multiple of 8
+        end = min(numel, start + BLOCK_ELEMENTS)
+        part = pack_bits(indices[start:end], bits).numpy()
+        packed[start * bits // 8: start * bits // 8 + part.size] = part
+    return packed, counts, signal, noise
+
+
+def _params_to_header(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        out[key] = value.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    if "codebook" in params:
+        out["codebook_size"] = int(params["codebook"].shape[-1])
+    return out
+
+
+def _params_for_report(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {key: value.reshape(-1).tolist() if value.numel() <= 256 else f"{value.numel()} values"
+            for key, value in params.items()}
