@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,16 +18,22 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import from_mapping, read_checkpoint
+from .checkpoint import from_mapping
 from .dtypes import itemsize
 from .encoder import TensorReport, encode_tensor
 from .errors import InputError
 from .format import TensorEntry
 from .policy import Policy
+from .format import MAGIC
 from .reader import QpkReader, decode_payload
+from .sources import open_source
 from .writer import QpkWriter, atomic_output, check_output_path
 
-__all__ = ["pack", "load", "load_into", "unpack", "info", "verify", "PackReport", "TensorReport"]
+__all__ = ["pack", "load", "load_into", "unpack", "info", "verify", "diff", "load_state", "PackReport",
+           "TensorReport", "DiffRow", "SweepRow", "sweep", "Progress"]
+
+#: progress callback: (tensor name, tensors done, tensors in all)
+Progress = Callable[[str, int, int], None]
 
 log = logging.getLogger("qpack")
 
@@ -83,6 +89,7 @@ def pack(
     force: bool = False,
     metadata: Mapping[str, str] | None = None,
     trust_pickle: bool = False,
+    progress: Progress | None = None,
 ) -> PackReport:
     """Quantize a state dict and write it as a .qpk file.
 
@@ -99,6 +106,7 @@ def pack(
         force: overwrite an existing ``out_path``.
         metadata: extra string-to-string entries stored in the file.
         trust_pickle: allow checkpoints holding arbitrary pickled objects (runs their code).
+        progress: called after each tensor with (name, done, total).
 
     Returns:
         A PackReport with one row per tensor and the totals.
@@ -114,8 +122,10 @@ def pack(
     out_path = Path(out_path)
     check_output_path(out_path, force)
     if isinstance(source, (str, os.PathLike)):
-        checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
-        provenance = {"qpack.source": Path(source).name, "qpack.source_sha256": _sha256(Path(source))}
+        checkpoint = open_source(source, trust_pickle=trust_pickle)
+        provenance = {"qpack.source": Path(source).name}
+        if Path(source).is_file():
+            provenance["qpack.source_sha256"] = _sha256(Path(source))
     else:
         checkpoint = from_mapping(source)
         provenance = {}
@@ -127,12 +137,15 @@ def pack(
         meta[key] = value
     rows: list[TensorReport] = []
     with QpkWriter(out_path, overwrite=force, metadata=meta) as writer:
-        for name, tensor in checkpoint.tensors.items():
+        total = len(checkpoint.tensors)
+        for done, (name, tensor) in enumerate(checkpoint.tensors.items(), 1):
             entry, payload, row = encode_tensor(name, tensor, policy.decide(name, tensor))
             writer.add(entry, payload)
             row.stored_bytes = entry.length
             rows.append(row)
             log.debug("packed %s: %s", name, entry.encoding)
+            if progress is not None:
+                progress(name, done, total)
         file_bytes = writer.finish()
     original = sum(r.original_bytes for r in rows)
     return PackReport(str(out_path), rows, file_bytes, original, checkpoint.notes, meta,
@@ -156,7 +169,7 @@ def _sha256(path: Path) -> str:
 # -- read side ---------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
-         threads: int | None = None) -> dict[str, torch.Tensor]:
+         threads: int | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Read a .qpk file back into a state dict.
 
     Quantized tensors are unpacked and dequantized on ``device``: only the packed indices and
@@ -166,6 +179,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
         path: the .qpk file.
         device: where the tensors are built ("cpu", "cuda", "cuda:1", ...).
         threads: decoding threads (default: up to 8, one per core).
+        progress: called after each tensor with (name, done, total).
 
     Returns:
         ``{name: tensor}`` in the order they were packed.
@@ -179,10 +193,18 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
         names = reader.keys()
         workers = threads or min(8, os.cpu_count() or 1)
         if workers <= 1 or len(names) <= 1:
-            return {name: reader.tensor(name, device) for name in names}
+            return _collect(names, (reader.tensor(name, device) for name in names), progress)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            tensors = list(pool.map(lambda n: reader.tensor(n, device), names))
-    return dict(zip(names, tensors))
+            return _collect(names, pool.map(lambda n: reader.tensor(n, device), names), progress)
+
+
+def _collect(names: list[str], tensors: Iterable[torch.Tensor], progress: Progress | None) -> dict[str, torch.Tensor]:
+    state = {}
+    for done, (name, tensor) in enumerate(zip(names, tensors), 1):
+        state[name] = tensor
+        if progress is not None:
+            progress(name, done, len(names))
+    return state
 
 
 def load_into(module: torch.nn.Module, path: str | os.PathLike[str], strict: bool = True) -> Any:
@@ -196,15 +218,39 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike[str], strict: boo
     return module.load_state_dict(load(path, device), strict=strict)
 
 
-def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Write a .qpk file back as a plain state dict with ``torch.save`` (atomically).
+def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: bool = False,
+           format: str | None = None, progress: Progress | None = None) -> Path:
+    """Write a .qpk file back as a plain state dict (atomically).
+
+    Args:
+        src: the .qpk file.
+        dst: the output file.
+        force: overwrite an existing ``dst``.
+        format: "pt" (``torch.save``) or "safetensors"; by default ``dst``'s extension
+            decides (.safetensors, else pt).
+        progress: called after each tensor is decoded.
 
     Raises:
         OutputExistsError: ``dst`` exists and ``force`` is False.
+        InputError: an unknown format.
     """
     dst = Path(dst)
+    format = format or ("safetensors" if dst.suffix == ".safetensors" else "pt")
+    if format not in ("pt", "safetensors"):
+        raise InputError(f"unknown output format {format!r}; choose pt or safetensors")
     check_output_path(dst, force)
-    state = load(src)
+    state = load(src, progress=progress)
+    if format == "safetensors":
+        try:
+            from safetensors.torch import save
+        except ImportError:
+            raise InputError("writing safetensors needs the safetensors package (pip install safetensors)") from None
+        with QpkReader(src) as reader:
+            metadata = dict(reader.metadata)
+        data = save(state, metadata=metadata)
+        with atomic_output(dst, force) as handle:
+            handle.write(data)
+        return dst
     with atomic_output(dst, force) as handle:
         torch.save(state, handle)
     return dst
@@ -255,3 +301,107 @@ def verify(path: str | os.PathLike[str]) -> int:
             decode_payload(reader.entry(name), reader.read_payload(name), "cpu")
         return len(reader)
 
+
+
+def load_state(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Any supported file as a state dict: a .qpk is decoded, anything else is read as a checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as handle:
+            if handle.read(len(MAGIC)) == MAGIC:
+                return load(path)
+    return dict(open_source(path, trust_pickle=trust_pickle).tensors.items())
+
+
+@dataclass
+class DiffRow:
+    """How one tensor differs between two checkpoints."""
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    rms: float
+    snr_db: float | None
+    equal: bool
+
+
+def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[list[DiffRow], list[str], list[str]]:
+    """Compare two checkpoints (.qpk, .pt, .safetensors, ...) tensor by tensor.
+
+    Returns:
+        (rows for the names both hold, names only in ``a``, names only in ``b``).
+
+    Raises:
+        InputError: a tensor has different shapes in the two files.
+    """
+    left, right = load_state(a), load_state(b)
+    rows = []
+    for name, x in left.items():
+        if name not in right:
+            continue
+        y = right[name]
+        if x.shape != y.shape:
+            raise InputError(f"tensor {name!r} has shape {list(x.shape)} in {a} but {list(y.shape)} in {b}")
+        xd, yd = x.to(torch.float64), y.to(torch.float64)
+        error = yd - xd
+        signal, noise = float((xd * xd).sum()), float((error * error).sum())
+        count = max(x.numel(), 1)
+        rows.append(DiffRow(name, list(x.shape), float(error.abs().max()) if x.numel() else 0.0,
+                            math.sqrt(noise / count), 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None,
+                            bool(torch.equal(x, y))))
+    return rows, [n for n in left if n not in right], [n for n in right if n not in left]
+
+
+@dataclass
+class SweepRow:
+    """One packing setting tried by ``sweep``."""
+
+    method: str
+    bits: int
+    granularity: str
+    file_bytes: int
+    bits_per_weight: float
+    snr_db: float | None
+    pack_seconds: float
+    load_seconds: float
+
+
+def sweep(path: str | os.PathLike[str], *, methods: Iterable[str] = ("uniform", "kmeans"),
+          bits: Iterable[int] = (2, 3, 4, 8), granularities: Iterable[str] = ("tensor", "channel"),
+          trust_pickle: bool = False, progress: Callable[[str], None] | None = None) -> list[SweepRow]:
+    """Pack one checkpoint every way asked and measure each result, so a user can choose.
+
+    SNR is over the quantized tensors, measured on the tensors loaded back from each file;
+    bits per weight count the whole file against every element of every tensor.
+    """
+    import tempfile
+
+    state = load_state(path, trust_pickle=trust_pickle)
+    params = sum(t.numel() for t in state.values())
+    rows: list[SweepRow] = []
+    with tempfile.TemporaryDirectory(prefix="qpack-sweep-") as folder:
+        target = Path(folder) / "sweep.qpk"
+        for method in methods:
+            for granularity in granularities:
+                if method == "kmeans" and granularity != "tensor":
+                    continue  # per-channel codebooks rarely pay for their size
+                for width in bits:
+                    if progress is not None:
+                        progress(f"{method} {width}-bit {granularity}")
+                    started = time.perf_counter()
+                    report = pack(state, target, bits=width, method=method, granularity=granularity, force=True)
+                    packed = time.perf_counter() - started
+                    started = time.perf_counter()
+                    loaded = load(target)
+                    loaded_in = time.perf_counter() - started
+                    signal = noise = 0.0
+                    for row in report.tensors:
+                        if row.encoding != "raw":
+                            x = state[row.name].to(torch.float64)
+                            error = loaded[row.name].to(torch.float64) - x
+                            signal += float((x * x).sum())
+                            noise += float((error * error).sum())
+                    snr = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None
+                    rows.append(SweepRow(method, width, granularity, report.file_bytes,
+                                         report.file_bytes * 8 / max(params, 1), snr, packed, loaded_in))
+    return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections import Counter
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pack", help="quantize a checkpoint into a .qpk file",
                        description="Quantize a checkpoint (.pt/.pth/.bin/.ckpt) into a .qpk file.")
-    p.add_argument("input", help="the checkpoint to pack")
+    p.add_argument("input", help="the checkpoint: .pt/.pth/.bin/.ckpt, .safetensors, a sharded "
+                   "checkpoint's *.index.json, or a folder holding one")
     p.add_argument("-o", "--output", help="the .qpk file to write (default: INPUT with .qpk)")
     p.add_argument("-b", "--bits", action="append", default=[], metavar="B|GLOB=B",
                    help="index bits, 1-16 (default 8); GLOB=B sets the bits of matching tensors (repeatable)")
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a .qpk file back as a plain state dict (torch.save).")
     p.add_argument("input", help="the .qpk file")
     p.add_argument("-o", "--output", help="the .pt file to write (default: INPUT with .pt)")
+    p.add_argument("--format", choices=["pt", "safetensors"],
+                   help="output format (default: from the output's extension, else pt)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -77,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a whole .qpk file (exit 0 or 1)",
                        description="Check every rule and checksum of a .qpk file and decode every tensor.")
     p.add_argument("input", help="the .qpk file")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("bench", help="try packing settings on your checkpoint and compare them",
+                       description="Pack a checkpoint with each method, width and granularity; "
+                                   "print size, bits per weight, SNR and time for each.")
+    p.add_argument("input", help="the checkpoint (any input pack accepts)")
+    p.add_argument("--methods", default="uniform,kmeans", help="comma-separated (default uniform,kmeans)")
+    p.add_argument("--bits", default="2,3,4,8", help="comma-separated widths (default 2,3,4,8)")
+    p.add_argument("--granularities", default="tensor,channel", help="comma-separated (default tensor,channel)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow pickled objects (runs their code)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
+    p = sub.add_parser("diff", help="compare two checkpoints tensor by tensor",
+                       description="Compare two checkpoints (.qpk, .pt, .safetensors, ...) tensor by tensor.")
+    p.add_argument("a", help="the reference checkpoint")
+    p.add_argument("b", help="the checkpoint to compare with it")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = sub.add_parser("demo", help="reproduce the seed MNIST experiment",
@@ -111,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except QpkError as exc:
         return _fail(args, str(exc), exc.exit_code)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(args, f"{where}{exc.strerror or exc}", 5)
@@ -162,7 +186,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
                       min_numel=args.min_numel, force=args.force, metadata=_parse_meta(args.meta),
-                      trust_pickle=args.trust_pickle)
+                      trust_pickle=args.trust_pickle, progress=_progress_bar(args, "packing"))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif not args.quiet:
@@ -199,7 +223,10 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     from . import api
 
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".pt")
-    api.unpack(args.input, output, force=args.force)
+    if args.output is None and args.format == "safetensors":
+        output = output.with_suffix(".safetensors")
+    api.unpack(args.input, output, force=args.force, format=args.format,
+               progress=_progress_bar(args, "decoding"))
     if not args.quiet:
         print(f"wrote {output}")
     return 0
@@ -248,6 +275,81 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import api
+    from .errors import InputError
+
+    try:
+        widths = [int(b) for b in args.bits.split(",") if b]
+    except ValueError:
+        raise InputError(f"--bits takes comma-separated numbers, got {args.bits!r}") from None
+    show = None if args.quiet or args.json or not sys.stderr.isatty() else (
+        lambda what: print(f"  trying {what} ...", file=sys.stderr))
+    rows = api.sweep(args.input, methods=[m for m in args.methods.split(",") if m], bits=widths,
+                     granularities=[g for g in args.granularities.split(",") if g],
+                     trust_pickle=args.trust_pickle, progress=show)
+    if args.json:
+        print(json.dumps({"input": args.input, "rows": [_json_row(r) for r in rows]}, indent=2))
+        return 0
+    table = [[r.method, str(r.bits), r.granularity, human_bytes(r.file_bytes), f"{r.bits_per_weight:.3f}",
+              "-" if r.snr_db is None else f"{r.snr_db:.1f}", f"{r.pack_seconds:.2f}", f"{r.load_seconds:.3f}"]
+             for r in rows]
+    print(format_table(["method", "bits", "granularity", "file", "bits/weight", "SNR dB", "pack s", "load s"],
+                       table, right={1, 3, 4, 5, 6, 7}))
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from . import api
+
+    rows, only_a, only_b = api.diff(args.a, args.b)
+    if args.json:
+        print(json.dumps({"a": args.a, "b": args.b, "tensors": [_json_row(r) for r in rows],
+                          "only_in_a": only_a, "only_in_b": only_b}, indent=2))
+        return 0
+    table = [[r.name, "x".join(map(str, r.shape)) or "()", "equal" if r.equal else f"{r.max_abs:.3g}",
+              f"{r.rms:.3g}", "-" if r.snr_db is None else f"{r.snr_db:.1f}"] for r in rows]
+    print(format_table(["name", "shape", "max abs", "rms", "SNR dB"], table, right={2, 3, 4}))
+    for name in only_a:
+        print(f"only in {args.a}: {name}")
+    for name in only_b:
+        print(f"only in {args.b}: {name}")
+    return 0
+
+
+def _json_row(row: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(row).items()}
+
+
+def _progress_bar(args: argparse.Namespace, label: str) -> Any:
+    """A progress callback drawing a bar on a terminal; None in a pipe or with --quiet."""
+    if getattr(args, "quiet", False) or getattr(args, "json", False) or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    state: dict[str, Any] = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        if tqdm is not None:
+            bar = state.get("bar")
+            if bar is None:
+                bar = state["bar"] = tqdm(total=total, desc=label, unit="tensor", leave=False, file=sys.stderr)
+            bar.update(done - bar.n)
+            if done == total:
+                bar.close()
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        end = "\n" if done == total else ""
+        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return update
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.cli import run
 
@@ -255,7 +357,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"pack": _cmd_pack, "unpack": _cmd_unpack, "info": _cmd_info, "verify": _cmd_verify,
-             "demo": _cmd_demo}
+             "bench": _cmd_bench, "diff": _cmd_diff, "demo": _cmd_demo}
 
 
 def human_bytes(count: int) -> str:
