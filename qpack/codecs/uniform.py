@@ -44,12 +44,13 @@ def quantize(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -
     """Nearest grid index of every element, as a flat int32 tensor in C order."""
     lo, hi = params["min"], params["max"]
     channels = lo.numel()
-    rows = _rows(tensor, channels)
     step = step_of(lo, hi, bits)
-    safe_step = torch.where(step > 0, step, torch.ones_like(step))
-    idx = torch.round((rows - lo[:, None]) / safe_step[:, None])
-    idx = idx.clamp_(0, (1 << bits) - 1)
-    idx = torch.where((step > 0)[:, None], idx, torch.zeros_like(idx))
+    constant = step == 0
+    safe_step = torch.where(constant, torch.ones_like(step), step)
+    idx = _rows(tensor, channels) - lo[:, None]  # a new tensor: the caller's is never touched
+    idx.div_(safe_step[:, None]).round_().clamp_(0, (1 << bits) - 1)
+    if bool(constant.any()):
+        idx[constant] = 0
     return idx.to(torch.int32).reshape(-1)
 
 
