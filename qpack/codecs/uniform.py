@@ -21,8 +21,13 @@ def _rows(tensor: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def step_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    """The float32 grid step per row, computed exactly as the spec states."""
-    return (hi - lo) / float((1 << bits) - 1)
+    """The float32 grid step per row, computed exactly as the spec states, on ``lo``'s device.
+
+    The division runs on the CPU: CUDA divides a tensor by a scalar as a multiplication by
+    the scalar's reciprocal, which can round differently from a true division.
+    """
+    step = (hi.cpu() - lo.cpu()) / float((1 << bits) - 1)
+    return step.to(lo.device)
 
 
 def choose_params(tensor: torch.Tensor, bits: int, channels: int = 1) -> dict[str, torch.Tensor]:
