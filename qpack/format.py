@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 
 from .dtypes import DTYPES, is_float_name
-from .errors import FormatError, UnsupportedVersionError
+from .errors import ChecksumError, FormatError, UnsupportedVersionError
 
 __all__ = [
     "MAGIC",
@@ -34,6 +34,8 @@ __all__ = [
     "parse_header",
     "expected_raw_length",
     "layout_offsets",
+    "name_problem",
+    "metadata_problem",
 ]
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
@@ -52,11 +54,21 @@ TENSOR_KEYS = frozenset(
 )
 PARAM_KEYS = {"raw": frozenset(), "uniform": frozenset({"min", "max"}),
               "kmeans": frozenset({"codebook", "codebook_size"})}
+#: R6: items in any msgpack array or map other than 'tensors' and 'metadata'
+INNER_CONTAINER_ITEMS = 256
+#: R15: no zstd frame expands more (a block of at most 128 KiB takes at least 4 bytes)
+MAX_ZSTD_EXPANSION = 32768
+_MAP_TYPE_BYTES = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+_ARRAY_TYPE_BYTES = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Reader limits (spec section "Limits"). Files beyond them are rejected."""
+    """Reader limits, as the spec's reader rules state them (R4, R6-R11, R21).
+
+    Files beyond them are rejected. The defaults are the spec's; smaller ones suit a reader
+    that only accepts small files.
+    """
 
     max_header_bytes: int = 256 * 1024 * 1024
     max_tensors: int = 1_000_000
@@ -140,7 +152,7 @@ def parse_preamble(data: bytes, file_size: int, limits: Limits = DEFAULT_LIMITS)
         raise FormatError("R1", f"file is {file_size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble: not a .qpk file")
     magic, version, header_length, _crc, reserved = PREAMBLE.unpack(data[:PREAMBLE_SIZE])
     if magic != MAGIC:
-        raise FormatError("R1", "bad magic bytes: not a .qpk file")
+        raise FormatError("R1", f"bad magic bytes: not a .qpk file{_what_it_looks_like(data)}")
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(
             "R2", f"file is .qpk version {version}; this reader reads version(s) "
@@ -154,6 +166,12 @@ def parse_preamble(data: bytes, file_size: int, limits: Limits = DEFAULT_LIMITS)
     return header_length
 
 
+def _what_it_looks_like(data: bytes) -> str:
+    if data.startswith(b"PK\x03\x04") or data[:1] == b"\x80":
+        return " (it looks like a PyTorch checkpoint: 'qpack pack' turns one into a .qpk)"
+    return ""
+
+
 def header_crc(data: bytes) -> int:
     return PREAMBLE.unpack(data[:PREAMBLE_SIZE])[3]
 
@@ -164,18 +182,76 @@ def build_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
     return msgpack.packb(doc, use_bin_type=True, use_single_float=False)
 
 
-def _unpack_msgpack(header: bytes, limits: Limits) -> Any:
-    n = len(header)
-    try:
-        return msgpack.unpackb(
-            header, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=min(n, limits.max_metadata_value_bytes),
-            max_bin_len=n, max_array_len=min(n, max(limits.max_tensors, limits.max_ndim)),
-            max_map_len=min(n, max(limits.max_metadata_entries, 16)), max_ext_len=0,
+class _HeaderSyntaxError(ValueError):
+    """Raised inside msgpack's hooks; reported as R6."""
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise _HeaderSyntaxError(f"msgpack ext type {code} is not allowed in a .qpk header")
+
+
+def _map_of_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _HeaderSyntaxError("a map repeats a key")
+    return result
+
+
+class _HeaderReader:
+    """The header's msgpack objects one at a time, decoded with R6's limits.
+
+    The two large containers (``tensors`` and ``metadata``) are walked item by item from
+    their headers, so msgpack never pre-allocates for a count the bytes cannot hold; any
+    other container holds at most INNER_CONTAINER_ITEMS items and msgpack's own stack bounds
+    nesting (about 1000 levels), so a hostile header costs memory in proportion to its size.
+    Strings are decoded with ``surrogateescape``: invalid UTF-8 survives decoding and is
+    rejected by the rule that covers the string (R7, R9, R21), naming it.
+    """
+
+    def __init__(self, header: bytes, limits: Limits) -> None:
+        size = len(header)
+        self._header = header
+        self._unpacker = msgpack.Unpacker(
+            None, raw=False, unicode_errors="surrogateescape", strict_map_key=True,
+            use_list=True, max_buffer_size=max(size, 1),
+            max_str_len=min(size, limits.max_metadata_value_bytes), max_bin_len=size,
+            max_array_len=INNER_CONTAINER_ITEMS, max_map_len=INNER_CONTAINER_ITEMS,
+            max_ext_len=0, ext_hook=_refuse_ext, object_pairs_hook=_map_of_pairs,
         )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-            msgpack.OutOfData, RecursionError, UnicodeDecodeError) as exc:
-        raise FormatError("R6", f"header is not valid msgpack within limits: {type(exc).__name__}: {exc}") from None
+        self._unpacker.feed(header)
+
+    def _next_type_byte(self) -> int:
+        position = self._unpacker.tell()
+        _expect(position < len(self._header), "R6", "the header ends inside a msgpack object")
+        return self._header[position]
+
+    def map_header(self, rule: str, what: str) -> int:
+        """The item count of the map that comes next; FormatError(rule) if it is not a map."""
+        _expect(self._next_type_byte() in _MAP_TYPE_BYTES, rule, f"{what} must be a msgpack map")
+        return self._decode(self._unpacker.read_map_header)
+
+    def array_header(self, rule: str, what: str) -> int:
+        """The item count of the array that comes next; FormatError(rule) if it is not an array."""
+        _expect(self._next_type_byte() in _ARRAY_TYPE_BYTES, rule, f"{what} must be a msgpack array")
+        return self._decode(self._unpacker.read_array_header)
+
+    def value(self) -> Any:
+        """The next whole object."""
+        return self._decode(self._unpacker.unpack)
+
+    def at_end(self) -> bool:
+        return self._unpacker.tell() == len(self._header)
+
+    @staticmethod
+    def _decode(step: Any) -> Any:
+        try:
+            return step()
+        except msgpack.OutOfData:
+            raise FormatError("R6", "the header ends inside a msgpack object") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            # msgpack's own errors (limits, stack depth, bad type bytes) subclass ValueError
+            detail = str(exc) or type(exc).__name__
+            raise FormatError("R6", f"header is not valid msgpack within limits: {detail[:200]}") from None
 
 
 def _is_int(value: Any) -> bool:
@@ -187,35 +263,107 @@ def _expect(cond: bool, rule: str, message: str) -> None:
         raise FormatError(rule, message)
 
 
+def _utf8_length(text: str) -> int | None:
+    """Bytes of ``text`` in UTF-8, or None when it came from invalid UTF-8 (lone surrogates)."""
+    if text.isascii():
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+def name_problem(name: str, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """What makes ``name`` unusable as a tensor name (R9), or None when it is fine."""
+    size = _utf8_length(name)
+    if size is None:
+        return f"name {name!r} is not valid UTF-8"
+    if not 0 < size <= limits.max_name_bytes:
+        return f"name {_short(name)} is {size} bytes; names are 1 to {limits.max_name_bytes} bytes of UTF-8"
+    return None
+
+
+def metadata_problem(key: str, value: str, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """What makes one metadata entry unstorable (R7), or None when it is fine."""
+    key_bytes, value_bytes = _utf8_length(key), _utf8_length(value)
+    if key_bytes is None or value_bytes is None:
+        return f"metadata entry {_short(key)} is not valid UTF-8"
+    if key_bytes > limits.max_metadata_key_bytes or value_bytes > limits.max_metadata_value_bytes:
+        return (f"metadata entry {_short(key)} is longer than the limits "
+                f"({limits.max_metadata_key_bytes}-byte keys, {limits.max_metadata_value_bytes}-byte values)")
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMITS) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Validate header bytes (R5-R16 but the file-size check) and build the entries."""
-    _expect(zlib.crc32(header) == expected_crc, "R5", "header checksum mismatch: the header is corrupted")
-    doc = _unpack_msgpack(header, limits)
-    _expect(isinstance(doc, dict) and set(doc) == {"tensors", "metadata"}, "R6",
-            "header must be a map with exactly the keys 'tensors' and 'metadata'")
-    metadata = doc["metadata"]
-    _expect(isinstance(metadata, dict) and len(metadata) <= limits.max_metadata_entries, "R7",
-            "metadata must be a map of at most "f"{limits.max_metadata_entries} entries")
-    for key, value in metadata.items():
-        _expect(isinstance(key, str) and isinstance(value, str), "R7", "metadata keys and values must be strings")
-        _expect(len(key.encode()) <= limits.max_metadata_key_bytes
-                and len(value.encode()) <= limits.max_metadata_value_bytes, "R7",
-                f"metadata entry {key[:40]!r} is longer than the limits")
-    tensors = doc["tensors"]
-    _expect(isinstance(tensors, list) and len(tensors) <= limits.max_tensors, "R8",
-            f"'tensors' must be an array of at most {limits.max_tensors} maps")
-    entries: list[TensorEntry] = []
-    seen: set[str] = set()
-    for position, raw in enumerate(tensors):
-        entry = _parse_entry(position, raw, limits)
-        _expect(entry.name not in seen, "R9", f"tensor name {entry.name!r} appears twice")
-        seen.add(entry.name)
-        entries.append(entry)
+    """Validate header bytes (R5-R16, all but R16's file-size check) and build the entries.
+
+    Args:
+        header: the H header bytes.
+        expected_crc: the header checksum stored in the preamble.
+        limits: reader limits.
+
+    Returns:
+        The tensor entries in file order and the metadata map.
+
+    Raises:
+        FormatError: the first rule the header breaks (``exc.rule`` names it).
+    """
+    if zlib.crc32(header) != expected_crc:
+        raise ChecksumError("R5", "header checksum mismatch: the header is corrupted")
+    reader = _HeaderReader(header, limits)
+    count = reader.map_header("R6", "the header")
+    _expect(count == 2, "R6", f"the header map has {count} keys; it must have exactly 'tensors' and 'metadata'")
+    entries: list[TensorEntry] | None = None
+    metadata: dict[str, str] | None = None
+    for _ in range(count):
+        key = reader.value()
+        if key == "tensors" and entries is None:
+            entries = _read_tensors(reader, limits)
+        elif key == "metadata" and metadata is None:
+            metadata = _read_metadata(reader, limits)
+        else:
+            raise FormatError("R6", f"unexpected or repeated header key {_short(key)}; the keys are 'tensors' and 'metadata'")
+    _expect(reader.at_end(), "R6", "bytes follow the header map inside the header")
+    assert entries is not None and metadata is not None
     expected = layout_offsets([e.length for e in entries])
     for entry, offset in zip(entries, expected):
         _expect(entry.offset == offset, "R16",
                 f"tensor {entry.name!r}: payload offset {entry.offset}, expected {offset} (payloads must tile the data section in order, {ALIGNMENT}-byte aligned)")
-    return entries, dict(metadata)
+    return entries, metadata
+
+
+def _read_metadata(reader: _HeaderReader, limits: Limits) -> dict[str, str]:
+    count = reader.map_header("R7", "'metadata'")
+    _expect(count <= limits.max_metadata_entries, "R7",
+            f"metadata has {count} entries, more than {limits.max_metadata_entries}")
+    metadata: dict[str, str] = {}
+    for _ in range(count):
+        key, value = reader.value(), reader.value()
+        _expect(isinstance(key, str) and isinstance(value, str), "R7",
+                f"metadata keys and values must be strings, found {type(key).__name__} -> {type(value).__name__}")
+        _expect(key not in metadata, "R6", f"metadata repeats the key {_short(key)}")
+        problem = metadata_problem(key, value, limits)
+        _expect(problem is None, "R7", problem or "")
+        metadata[key] = value
+    return metadata
+
+
+def _read_tensors(reader: _HeaderReader, limits: Limits) -> list[TensorEntry]:
+    count = reader.array_header("R8", "'tensors'")
+    _expect(count <= limits.max_tensors, "R8", f"'tensors' has {count} entries, more than {limits.max_tensors}")
+    entries: list[TensorEntry] = []
+    seen: set[str] = set()
+    for position in range(count):
+        entry = _parse_entry(position, reader.value(), limits)
+        _expect(entry.name not in seen, "R9", f"tensor name {entry.name!r} appears twice")
+        seen.add(entry.name)
+        entries.append(entry)
+    return entries
 
 
 def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
@@ -223,8 +371,9 @@ def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
     _expect(isinstance(raw, dict) and set(raw) == TENSOR_KEYS, "R8",
             f"{where}: entry must be a map with exactly the keys {sorted(TENSOR_KEYS)}")
     name = raw["name"]
-    _expect(isinstance(name, str) and 0 < len(name.encode()) <= limits.max_name_bytes, "R9",
-            f"{where}: name must be a non-empty string of at most {limits.max_name_bytes} bytes")
+    _expect(isinstance(name, str), "R9", f"{where}: name must be a string")
+    problem = name_problem(name, limits)
+    _expect(problem is None, "R9", f"{where}: {problem}")
     where = f"tensor {name!r}"
     for key in ("bits", "offset", "length", "raw_length", "crc32"):
         _expect(_is_int(raw[key]) and raw[key] >= 0, "R8", f"{where}: {key} must be a non-negative integer")
@@ -238,7 +387,8 @@ def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
             f"{where}: shape must be an array of at most {limits.max_ndim} dimensions")
     numel = 1
     for dim in shape:
-        _expect(_is_int(dim) and 0 <= dim <= limits.max_elements, "R11", f"{where}: bad dimension {dim!r}")
+        _expect(_is_int(dim) and 0 <= dim <= limits.max_elements, "R11",
+                f"{where}: dimension {_short(dim)} is not an integer in 0..{limits.max_elements}")
         numel *= dim  # Python ints do not wrap; the bound below keeps them small
         _expect(numel <= limits.max_elements, "R11", f"{where}: {numel} elements is more than {limits.max_elements}")
     encoding, bits, granularity = raw["encoding"], raw["bits"], raw["granularity"]
@@ -263,11 +413,16 @@ def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
         _expect(length == raw_length, "R15", f"{where}: uncompressed payload is {length} bytes, expected {raw_length}")
     else:
         _expect(0 < length < raw_length, "R15", f"{where}: zstd payload of {length} bytes for {raw_length} raw bytes")
+        _expect(raw_length <= length * MAX_ZSTD_EXPANSION, "R15",
+                f"{where}: {raw_length} raw bytes cannot come out of a {length}-byte zstd frame "
+                f"(at most {MAX_ZSTD_EXPANSION}x)")
     stats = raw["stats"]
     _expect(isinstance(stats, dict) and len(stats) <= limits.max_stats_entries, "R21", f"{where}: stats must be a small map")
     for key, value in stats.items():
-        _expect(isinstance(key, str) and len(key) <= 64 and (isinstance(value, (int, float)) and not isinstance(value, bool)),
-                "R21", f"{where}: stats entries must map short strings to numbers")
+        key_bytes = _utf8_length(key) if isinstance(key, str) else None
+        _expect(key_bytes is not None and key_bytes <= 64 and isinstance(value, (int, float))
+                and not isinstance(value, bool), "R21",
+                f"{where}: stats entries must map strings of at most 64 bytes to numbers")
     return TensorEntry(name, dtype, tuple(shape), encoding, bits, granularity, params,
                        raw["offset"], length, raw_length, compression, raw["crc32"], stats)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import warnings
 import zlib
@@ -154,16 +155,22 @@ class QpkReader:
 
 
 def _open_for_reading(path: Path) -> int:
+    """Open a regular file for reading; anything else (folder, FIFO, device) is an InputError."""
     if path.is_dir():
         raise InputError(f"{path} is a folder, not a .qpk file")
     try:
-        return os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot open: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{path} is not a regular file")
+    return fd
 
 
 def _check_crc(entry: TensorEntry, data: bytes | memoryview) -> None:
@@ -179,7 +186,9 @@ def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
     if declared != entry.raw_length:
         raise FormatError("R19", f"tensor {entry.name!r}: zstd frame declares {declared} bytes, header says {entry.raw_length}")
     try:
-        raw = _decompressor().decompress(stored, max_output_size=entry.raw_length)
+        # the output buffer is the declared size, which R19 just pinned to raw_length (itself
+        # at most MAX_ZSTD_EXPANSION times the payload, R15); data after the frame is an error
+        raw = _decompressor().decompress(stored, max_output_size=entry.raw_length, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise FormatError("R19", f"tensor {entry.name!r}: zstd payload is corrupted: {exc}") from None
     if len(raw) != entry.raw_length:

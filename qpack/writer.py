@@ -4,30 +4,42 @@ Payloads stream into an anonymous spool file as tensors are encoded, since the h
 precedes them is only known at the end. ``finish`` then writes preamble, header and the
 spooled data into a hidden temporary file beside the target, fsyncs it, and only then gives
 it the target's name. A killed process therefore never leaves a partial file at the target
-path (at worst a hidden ``.NAME.*.tmp`` file beside it).
+path and never damages a file already there (at worst a hidden ``.NAME.*.tmp`` file is left
+beside it). Every write goes through ``os.write`` (or ``os.copy_file_range``) on a raw
+descriptor; an OSError such as ENOSPC propagates with the target's path, after the
+temporary file is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InputError, OutputExistsError
+from .errors import FormatError, InputError, OutputExistsError
 from .format import (
+    DEFAULT_LIMITS,
     PREAMBLE_SIZE,
     TensorEntry,
     align,
     build_header,
+    metadata_problem,
+    name_problem,
     pack_preamble,
+    parse_header,
 )
 
 __all__ = ["QpkWriter", "atomic_output"]
 
 _ZEROS = bytes(64)
-_COPY_CHUNK = 64 * 1024 * 1024
+_COPY_CHUNK = 16 * 1024 * 1024
+#: copy_file_range errors that mean "not here": copy through memory instead
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
 
 
 class QpkWriter:
@@ -37,7 +49,13 @@ class QpkWriter:
         path: the target file.
         overwrite: replace an existing file at ``path``; without it an existing file is an
             OutputExistsError, checked both up front and at the final rename.
-        metadata: free-form string-to-string map stored in the header.
+        metadata: free-form string-to-string map stored in the header (R7's limits).
+
+    Raises:
+        InputError: the output path is a folder or its folder is missing; a metadata entry
+            or (in ``add``) a tensor name the format cannot store.
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
+        OSError: from the file system, naming ``path``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False,
@@ -45,38 +63,67 @@ class QpkWriter:
         self.path = Path(path)
         self.overwrite = overwrite
         self.metadata = dict(metadata or {})
+        if len(self.metadata) > DEFAULT_LIMITS.max_metadata_entries:
+            raise InputError(f"{len(self.metadata)} metadata entries; a .qpk file holds at most "
+                             f"{DEFAULT_LIMITS.max_metadata_entries}")
+        for key, value in self.metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InputError("metadata keys and values must be strings")
+            problem = metadata_problem(key, value)
+            if problem:
+                raise InputError(problem)
         check_output_path(self.path, overwrite)
         self.entries: list[TensorEntry] = []
         self._names: set[str] = set()
-        self._spool: BinaryIO = tempfile.TemporaryFile(dir=self.path.parent or ".")
+        with _naming_errors(self.path):
+            self._spool: BinaryIO = tempfile.TemporaryFile(dir=self.path.parent or ".", buffering=0)
         self._end = 0  # end of the last payload in the spool
 
     def add(self, entry: TensorEntry, payload: bytes | memoryview) -> TensorEntry:
         """Append one tensor: fills in offset, length and crc32 of ``entry`` and spools the payload."""
         if entry.name in self._names:
             raise InputError(f"tensor name {entry.name!r} given twice")
-        self._names.add(entry.name)
+        problem = name_problem(entry.name)
+        if problem:
+            raise InputError(f"tensor {problem}")
+        if self._spool.closed:
+            raise ValueError("this QpkWriter is closed")
         offset = align(self._end)
-        if offset > self._end:
-            self._spool.write(_ZEROS[: offset - self._end])
         view = memoryview(payload).cast("B")
-        self._spool.write(view)
+        try:
+            with _naming_errors(self.path):
+                _write_all(self._spool.fileno(), _ZEROS[: offset - self._end], view)
+        except BaseException:
+            self.close()  # the spool holds part of a payload: this writer cannot go on
+            raise
+        self._names.add(entry.name)
         entry.offset, entry.length, entry.crc32 = offset, len(view), zlib.crc32(view)
         self._end = offset + len(view)
         self.entries.append(entry)
         return entry
 
     def finish(self) -> int:
-        """Write the file and give it its name. Returns the file size in bytes."""
+        """Write the file and give it its name. Returns the file size in bytes.
+
+        The header is read back with the reader's own checks first, so this writer never
+        writes a file that its reader would reject.
+        """
+        if self._spool.closed:
+            raise ValueError("this QpkWriter is closed")
         header = build_header(self.entries, self.metadata)
+        if len(header) > DEFAULT_LIMITS.max_header_bytes:
+            raise InputError(f"the header would be {len(header)} bytes, more than a .qpk file allows "
+                             f"({DEFAULT_LIMITS.max_header_bytes}); too many tensors or metadata")
+        try:
+            parse_header(header, zlib.crc32(header))
+        except FormatError as exc:
+            raise InputError(f"cannot write {self.path}: {exc}") from None
         head = pack_preamble(header) + header
         head += _ZEROS[: align(len(head)) - len(head)]
         assert len(head) == align(PREAMBLE_SIZE + len(header))
-        self._spool.flush()
-        with atomic_output(self.path, self.overwrite) as out:
-            out.write(head)
-            out.flush()
-            _copy_all(self._spool, out, self._end)
+        with _naming_errors(self.path), atomic_output(self.path, self.overwrite) as out:
+            _write_all(out.fileno(), head)
+            _copy_all(self._spool.fileno(), out.fileno(), self._end)
         self.close()
         return len(head) + self._end
 
@@ -103,33 +150,58 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
 
 
-def _copy_all(src: BinaryIO, dst: BinaryIO, length: int) -> None:
-    src.seek(0)
-    remaining = length
-    copy_range = getattr(os, "copy_file_range", None)
-    if copy_range is not None:
+@contextmanager
+def _naming_errors(path: Path) -> Iterator[None]:
+    """Give an OSError that names no file (ENOSPC, EIO) the path being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+
+
+def _write_all(fd: int, *chunks: bytes | memoryview) -> None:
+    """Write every byte of ``chunks`` to ``fd`` (os.write may write less than asked)."""
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while len(view):
+            view = view[os.write(fd, view):]
+
+
+def _copy_all(src: int, dst: int, length: int) -> None:
+    """Append the first ``length`` bytes of ``src`` to ``dst`` at its current position."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
         try:
-            while remaining:
-                done = copy_range(src.fileno(), dst.fileno(), min(remaining, 1 << 30))
-                if done == 0:
+            while done < length:
+                copied = os.copy_file_range(src, dst, min(length - done, 1 << 30), done)
+                if copied == 0:
                     break
-                remaining -= done
+                done += copied
         except OSError as exc:
-            if exc.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: copy by hand
+            if exc.errno not in _NO_COPY_RANGE:
                 raise
-    while remaining:
-        chunk = src.read(min(remaining, _COPY_CHUNK))
+    while done < length:
+        chunk = os.pread(src, min(length - done, _COPY_CHUNK), done)
         if not chunk:
-            raise OSError("spool file shorter than expected")
-        dst.write(chunk)
-        remaining -= len(chunk)
+            raise OSError(errno.EIO, "the spool file is shorter than what was written to it")
+        _write_all(dst, chunk)
+        done += len(chunk)
 
 
 class atomic_output:
     """Context manager: a binary file that appears at ``path`` only when the block succeeds.
 
-    The data is fsynced before the rename. Without ``overwrite``, the final step is a
-    hard link that fails if the target appeared meanwhile, so nothing is ever clobbered.
+    The block writes a hidden temporary file beside the target (same folder, so the same
+    file system), which is flushed and fsynced, then renamed over the target (``overwrite``)
+    or hard-linked to it, which fails if the target appeared meanwhile, so nothing is ever
+    clobbered without ``overwrite``. The folder is fsynced last. If the block raises, the
+    temporary file is removed and the target is untouched.
+
+    Raises:
+        OutputExistsError: without ``overwrite``, the target appeared while writing.
+        OSError: from the file system (ENOSPC, EACCES, ...); the temporary file is removed.
     """
 
     def __init__(self, path: str | os.PathLike[str], overwrite: bool) -> None:
@@ -139,24 +211,26 @@ class atomic_output:
         self.file: BinaryIO | None = None
 
     def __enter__(self) -> BinaryIO:
-        folder = self.path.parent if str(self.path.parent) else Path(".")
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._temp_name = Path(name)
-        os.fchmod(fd, 0o666 & ~_umask())
+        fd, self._temp_name = _create_temp_beside(self.path)
         self.file = os.fdopen(fd, "wb")
         return self.file
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        assert self.file is not None
+        assert self.file is not None and self._temp_name is not None
         try:
+            try:
+                if exc_type is None:
+                    self.file.flush()
+                    os.fsync(self.file.fileno())
+            finally:
+                self.file.close()
             if exc_type is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
                 self._publish()
         finally:
-            self.file.close()
-            if self._temp_name is not None and self._temp_name.exists():
+            try:
                 self._temp_name.unlink()
+            except FileNotFoundError:  # renamed to the target
+                pass
 
     def _publish(self) -> None:
         assert self._temp_name is not None
@@ -164,15 +238,35 @@ class atomic_output:
             os.replace(self._temp_name, self.path)
         else:
             _link_new(self._temp_name, self.path)
-            self._temp_name.unlink()
         _fsync_folder(self.path.parent)
 
 
+def _create_temp_beside(path: Path) -> tuple[int, Path]:
+    """Create and open a new hidden file in ``path``'s folder, mode 0666 less the umask."""
+    folder = path.parent if str(path.parent) else Path(".")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        name = folder / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, "could not create a temporary file", str(folder))
+
+
 def _link_new(source: Path, target: Path) -> None:
+    """Give ``source``'s file the name ``target`` unless ``target`` exists."""
     try:
         os.link(source, target)
     except FileExistsError:
         raise OutputExistsError(f"{target} appeared while writing; nothing was overwritten") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        # no hard links on this file system: a rename, checked just before
+        if os.path.lexists(target):
+            raise OutputExistsError(f"{target} appeared while writing; nothing was overwritten") from None
+        os.replace(source, target)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -186,9 +280,3 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -1,0 +1,663 @@
+"""One test per reader rule (specs/qpk-format.md section 5), plus files that broke other parsers.
+
+Each test crafts a file that breaks one rule, writing the header with msgpack directly and
+re-computing the header checksum (except for R5), and checks the error class and
+``exc.rule``. The crafting helpers here are also used by test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+import tracemalloc
+import zlib
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+import qpack
+from qpack import ChecksumError, FormatError, QpkError, QpkReader, UnsupportedVersionError
+from qpack.bitpack import pack_bits
+from qpack.format import MAGIC, PREAMBLE_SIZE, TensorEntry, align, expected_raw_length
+from qpack.writer import QpkWriter
+
+# -- a small valid file with every kind of entry ---------------------------------------------
+
+
+def _f32(values: Any) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def _entry(name: str, tensor: torch.Tensor, encoding: str = "raw", bits: int = 0,
+           granularity: str = "tensor", params: dict | None = None) -> TensorEntry:
+    from qpack.dtypes import name_of_dtype
+
+    dtype = name_of_dtype(tensor.dtype)
+    shape = tuple(tensor.shape)
+    return TensorEntry(name, dtype, shape, encoding, bits, granularity, params or {},
+                       raw_length=expected_raw_length(dtype, shape, encoding, bits))
+
+
+def sample_tensors() -> list[tuple[TensorEntry, bytes, torch.Tensor]]:
+    """(entry, stored payload, expected decoded tensor) for each encoding, small and fixed."""
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    # raw: float32, bool, int64 0-d, empty
+    w = torch.randn(3, 4, generator=gen)
+    out.append((_entry("raw.f32", w), w.numpy().tobytes(), w))
+    flags = torch.tensor([True, False, True, True, False])
+    out.append((_entry("raw.bool", flags), flags.numpy().tobytes(), flags))
+    scalar = torch.tensor(-7, dtype=torch.int64)
+    out.append((_entry("raw.scalar", scalar), scalar.numpy().tobytes(), scalar))
+    empty = torch.empty(0, 3)
+    out.append((_entry("raw.empty", empty), b"", empty))
+    # raw, zstd-compressed
+    zeros = torch.zeros(64, 8)
+    entry = _entry("raw.zstd", zeros)
+    stored = zstandard.ZstdCompressor(level=3).compress(zeros.numpy().tobytes())
+    entry.compression = "zstd"
+    out.append((entry, stored, zeros))
+    # uniform, per tensor, 3 bits (a partly used last byte)
+    idx = torch.randint(0, 8, (5, 7), generator=gen)
+    lo, hi = -1.0, 2.5
+    step = np.float32(np.float32(hi - lo) / np.float32(7))
+    values = (np.float32(lo) + (step * idx.numpy().astype(np.float32))).astype(np.float32)
+    entry = _entry("uniform.b3", torch.zeros(5, 7), "uniform", 3,
+                   params={"min": _f32([lo]), "max": _f32([hi])})
+    out.append((entry, pack_bits(idx, 3).numpy().tobytes(), torch.from_numpy(values)))
+    # uniform, per channel, float16, 5 bits
+    idx = torch.randint(0, 32, (3, 6), generator=gen)
+    lows, highs = np.float32([-1, 0, 0.5]), np.float32([1, 0, 4])
+    steps = (highs - lows) / np.float32(31)
+    values = (lows[:, None] + (steps[:, None] * idx.numpy().astype(np.float32))).astype(np.float32)
+    entry = _entry("uniform.channel", torch.zeros(3, 6, dtype=torch.float16), "uniform", 5, "channel",
+                   {"min": _f32(lows), "max": _f32(highs)})
+    out.append((entry, pack_bits(idx, 5).numpy().tobytes(), torch.from_numpy(values).half()))
+    # uniform, 8 bits, zstd (a constant run compresses)
+    idx = torch.full((40, 10), 3)
+    entry = _entry("uniform.zstd", torch.zeros(40, 10), "uniform", 8,
+                   params={"min": _f32([0.0]), "max": _f32([255.0])})
+    entry.compression = "zstd"
+    stored = zstandard.ZstdCompressor(level=3).compress(pack_bits(idx, 8).numpy().tobytes())
+    out.append((entry, stored, torch.full((40, 10), 3.0)))
+    # kmeans, 2 bits, a 3-entry codebook
+    book = np.float32([-0.5, 0.25, 4.0])
+    idx = torch.randint(0, 3, (4, 5), generator=gen)
+    entry = _entry("kmeans.b2", torch.zeros(4, 5), "kmeans", 2,
+                   params={"codebook": _f32(book), "codebook_size": 3})
+    out.append((entry, pack_bits(idx, 2).numpy().tobytes(), torch.from_numpy(book[idx.numpy()])))
+    # kmeans, per channel, 4 bits, bfloat16
+    books = np.float32([[0, 1, 2, 3], [-4, -3, -2, -1]])
+    idx = torch.randint(0, 4, (2, 9), generator=gen)
+    entry = _entry("kmeans.channel", torch.zeros(2, 9, dtype=torch.bfloat16), "kmeans", 4, "channel",
+                   {"codebook": _f32(books), "codebook_size": 4})
+    values = np.stack([books[c][idx[c].numpy()] for c in range(2)])
+    out.append((entry, pack_bits(idx, 4).numpy().tobytes(), torch.from_numpy(values).bfloat16()))
+    return out
+
+
+def write_sample(path: Path) -> dict[str, torch.Tensor]:
+    """Write the sample file; returns the tensors it decodes to."""
+    writer = QpkWriter(path, overwrite=True, metadata={"qpack.version": "test", "note": "sample"})
+    expected = {}
+    for entry, stored, tensor in sample_tensors():
+        writer.add(entry, stored)
+        expected[entry.name] = tensor
+    writer.finish()
+    return expected
+
+
+@pytest.fixture(scope="module")
+def sample_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("sample") / "sample.qpk"
+    write_sample(path)
+    return path.read_bytes()
+
+
+# -- taking a file apart and putting it back together ------------------------------------------
+
+
+def split(data: bytes) -> tuple[dict, list[bytes]]:
+    """(header document, stored payloads) of a valid file."""
+    _, _, header_length, _, _ = struct.unpack("<8sIIII", data[:PREAMBLE_SIZE])
+    doc = msgpack.unpackb(data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length], raw=False)
+    start = align(PREAMBLE_SIZE + header_length)
+    payloads = [data[start + t["offset"]: start + t["offset"] + t["length"]] for t in doc["tensors"]]
+    return doc, payloads
+
+
+def lay_out(doc: dict, payloads: list[bytes]) -> bytes:
+    """Fill in offset, length and crc32 of every entry from ``payloads``; the data section."""
+    data = bytearray()
+    for entry, payload in zip(doc["tensors"], payloads):
+        data += bytes(align(len(data)) - len(data))
+        entry["offset"], entry["length"], entry["crc32"] = len(data), len(payload), zlib.crc32(payload)
+        data += payload
+    return bytes(data)
+
+
+def assemble(header: bytes | dict, data: bytes, *, version: int = 1, reserved: int = 0,
+             crc: int | None = None, header_length: int | None = None) -> bytes:
+    """Preamble + header + zero padding + data section, with a correct checksum unless given."""
+    if isinstance(header, dict):
+        header = msgpack.packb(header, use_bin_type=True)
+    preamble = struct.pack("<8sIIII", MAGIC, version,
+                           len(header) if header_length is None else header_length,
+                           zlib.crc32(header) if crc is None else crc, reserved)
+    head = preamble + header
+    return head + bytes(align(len(head)) - len(head)) + data
+
+
+def rebuild(doc: dict, payloads: list[bytes]) -> bytes:
+    """A file from a (possibly edited) document and payloads, laid out as the spec says."""
+    data = lay_out(doc, payloads)
+    return assemble(doc, data)
+
+
+def open_and_read_all(path: Path) -> dict[str, torch.Tensor]:
+    with QpkReader(path) as reader:
+        return {name: reader.tensor(name) for name in reader.keys()}
+
+
+def rejects(tmp_path: Path, data: bytes, rule: str, error: type = FormatError,
+            on_read: bool = False) -> FormatError:
+    """Check that ``data`` is rejected with ``error`` naming ``rule``, at open or on read."""
+    path = tmp_path / "crafted.qpk"
+    path.write_bytes(data)
+    if on_read:
+        reader = QpkReader(path)  # the layout is fine: the payload is checked when read
+        with pytest.raises(error) as caught:
+            for name in reader.keys():
+                reader.tensor(name)
+        reader.close()
+    else:
+        with pytest.raises(error) as caught:
+            QpkReader(path)
+    assert caught.value.rule == rule, caught.value
+    assert f"[{rule}]" in str(caught.value)
+    return caught.value
+
+
+def edited(sample: bytes, edit: Any, index: int | None = 0) -> bytes:
+    """The sample with its header changed by ``edit(entry)`` (``edit(doc)`` with index None).
+
+    The data section stays as it was; offsets, lengths and checksums are not re-derived.
+    """
+    doc, payloads = split(sample)
+    data = lay_out(doc, payloads)
+    edit(doc if index is None else doc["tensors"][index])
+    return assemble(doc, data)
+
+
+def json_copy(doc: dict) -> dict:
+    return msgpack.unpackb(msgpack.packb(doc, use_bin_type=True), raw=False)
+
+
+def index_of(doc: dict, name: str) -> int:
+    return [t["name"] for t in doc["tensors"]].index(name)
+
+
+# -- the sample itself ---------------------------------------------------------------------------
+
+
+def test_sample_round_trips_and_tools_agree(tmp_path):
+    expected = write_sample(tmp_path / "s.qpk")
+    assert set(t["encoding"] for t in split((tmp_path / "s.qpk").read_bytes())[0]["tensors"]) == {
+        "raw", "uniform", "kmeans"}
+    loaded = open_and_read_all(tmp_path / "s.qpk")
+    assert list(loaded) == list(expected)
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    data = (tmp_path / "s.qpk").read_bytes()
+    assert rebuild(*split(data)) == data  # the helpers reproduce the writer's bytes
+    assert qpack.verify(tmp_path / "s.qpk") == len(expected)
+
+
+# -- R1..R5: the preamble and the header checksum ----------------------------------------------
+
+
+def test_r1_short_file_and_bad_magic(tmp_path, sample_bytes):
+    rejects(tmp_path, sample_bytes[:23], "R1")
+    rejects(tmp_path, b"", "R1")
+    rejects(tmp_path, b"PK\x03\x04" + sample_bytes[4:], "R1")
+    bad = bytearray(sample_bytes)
+    bad[6] ^= 0x04  # '\x1a' -> '\x1e'
+    exc = rejects(tmp_path, bytes(bad), "R1")
+    assert "not a .qpk file" in str(exc)
+
+
+def test_r2_unsupported_version_is_named(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    for version in (0, 2, 0xFFFFFFFF):
+        exc = rejects(tmp_path, assemble(doc, lay_out(doc, payloads), version=version), "R2",
+                      UnsupportedVersionError)
+        assert f"version {version}" in str(exc) and "1" in str(exc)
+
+
+def test_r3_reserved_field_must_be_zero(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    rejects(tmp_path, assemble(doc, lay_out(doc, payloads), reserved=1), "R3")
+
+
+def test_r4_header_length(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    data = lay_out(doc, payloads)
+    rejects(tmp_path, assemble(doc, data, header_length=0), "R4")
+    rejects(tmp_path, assemble(doc, data, header_length=256 * 1024 * 1024 + 1), "R4")
+    rejects(tmp_path, assemble(doc, data, header_length=len(sample_bytes)), "R4")  # past EOF
+    rejects(tmp_path, assemble(doc, b"", header_length=0xFFFFFFFF), "R4")
+
+
+def test_r5_header_checksum(tmp_path, sample_bytes):
+    bad = bytearray(sample_bytes)
+    bad[PREAMBLE_SIZE + 10] ^= 0x01
+    rejects(tmp_path, bytes(bad), "R5", ChecksumError)
+    bad = bytearray(sample_bytes)
+    bad[16] ^= 0x80  # the stored checksum itself
+    rejects(tmp_path, bytes(bad), "R5", ChecksumError)
+
+
+# -- R6..R8: msgpack with limits and the shape of the document ------------------------------------
+
+
+@pytest.mark.parametrize("header", [
+    pytest.param(b"\x92\x80\x90", id="array-not-map"),
+    pytest.param(b"\x81\xa7tensors\x90", id="one-key"),
+    pytest.param(b"\x83\xa7tensors\x90\xa8metadata\x80\xa5extra\xc0", id="extra-key"),
+    pytest.param(b"\x82\xa7tensors\x90\xa7tensors\x90", id="repeated-key"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x80\xc0", id="trailing-object"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata", id="truncated"),
+    pytest.param(b"\xc1", id="never-used-byte"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k\xd4\x01\x00", id="ext-type"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k\xc7\x00\x05", id="empty-ext"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k\xdb\xff\xff\xff\xff", id="str-2^32"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k\xc6\xff\xff\xff\xff", id="bin-2^32"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k\xdd\xff\xff\xff\xff", id="array-2^32"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k\xdf\xff\xff\xff\xff", id="map-2^32"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k\xa2\xff\xfe", id="bad-utf8-value-is-R7"),
+    pytest.param(b"\x82\x01\x90\xa8metadata\x80", id="int-key"),
+    pytest.param(b"\x82\xa7tensors\x90\xa8metadata\x82\xa1k\xa1v\xa1k\xa1w", id="metadata-repeats-key"),
+])
+def test_r6_header_is_one_map_decoded_with_limits(tmp_path, sample_bytes, header):
+    rule = "R7" if header.endswith(b"\xa2\xff\xfe") else "R6"
+    rejects(tmp_path, assemble(header, b""), rule)
+
+
+def test_r6_repeated_key_inside_an_entry(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    data = lay_out(doc, payloads)
+    header = msgpack.packb(doc, use_bin_type=True)
+    first = msgpack.packb(doc["tensors"][0], use_bin_type=True)
+    assert first[0] == 0x8D  # fixmap of 13
+    repeated = b"\x8e" + first[1:] + msgpack.packb("bits") + msgpack.packb(0)
+    rejects(tmp_path, assemble(header.replace(first, repeated, 1), data), "R6")
+
+
+def test_r6_deep_nesting_fails_fast(tmp_path, sample_bytes):
+    for opener in (b"\x91", b"\x81\xa1k"):
+        header = b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k" + opener * 100_000 + b"\xc0"
+        started = time.perf_counter()
+        rejects(tmp_path, assemble(header, b""), "R6")
+        assert time.perf_counter() - started < 1.0
+
+
+def test_r7_metadata_map_of_strings(tmp_path, sample_bytes):
+    def set_meta(value):
+        return lambda doc: doc.__setitem__("metadata", value)
+    for bad in ([], {"k": 1}, {"k": b"bytes"}, {"k": None}, {"k" * 257: "v"}, {"é" * 129: "v"},
+                {str(i): "" for i in range(4097)}):
+        rejects(tmp_path, edited(sample_bytes, set_meta(bad), None), "R7")
+    # a value over 65,536 bytes is already past msgpack's string limit (R6)
+    rejects(tmp_path, edited(sample_bytes, set_meta({"k": "v" * 65537}), None), "R6")
+    ok = edited(sample_bytes, set_meta({"k" * 256: "v" * 65536, "é": ""}), None)
+    (tmp_path / "ok.qpk").write_bytes(ok)
+    assert len(QpkReader(tmp_path / "ok.qpk").metadata["k" * 256]) == 65536
+
+
+def test_r8_tensor_entries_have_exactly_the_keys_and_types(tmp_path, sample_bytes):
+    rejects(tmp_path, edited(sample_bytes, lambda d: d.__setitem__("tensors", {}), None), "R8")
+    rejects(tmp_path, edited(sample_bytes, lambda d: d["tensors"].__setitem__(0, [1]), None), "R8")
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.pop("stats")), "R8")
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("extra", 1)), "R8")
+    for key, value in [("bits", "0"), ("bits", -1), ("bits", True), ("bits", 0.0), ("offset", -64),
+                       ("length", None), ("raw_length", -1),
+                       ("crc32", 1 << 32), ("crc32", -1), ("dtype", b"float32"), ("encoding", 1),
+                       ("compression", ["none"]), ("granularity", None)]:
+        rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__(key, value)), "R8")
+
+
+def test_r9_names_valid_unique_bounded(tmp_path, sample_bytes):
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("name", "")), "R9")
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("name", "n" * 1025)), "R9")
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("name", 7)), "R9")
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("name", "raw.bool")), "R9")
+    # 1024 bytes of UTF-8 is fine, 1025 is not, whatever the characters
+    ok = edited(sample_bytes, lambda e: e.__setitem__("name", "é" * 512))
+    (tmp_path / "ok.qpk").write_bytes(ok)
+    QpkReader(tmp_path / "ok.qpk").close()
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("name", "é" * 512 + "x")), "R9")
+    # invalid UTF-8 in a msgpack str
+    doc, payloads = split(sample_bytes)
+    header = msgpack.packb(doc, use_bin_type=True).replace(b"\xa7raw.f32", b"\xa7raw.\xff32", 1)
+    exc = rejects(tmp_path, assemble(header, lay_out(doc, payloads)), "R9")
+    assert "UTF-8" in str(exc)
+
+
+def test_r10_dtype_in_the_table(tmp_path, sample_bytes):
+    for dtype in ("complex64", "float128", "torch.float32", "qint8", ""):
+        exc = rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("dtype", dtype)), "R10")
+        assert repr(dtype) in str(exc)
+
+
+@pytest.mark.parametrize("shape", [
+    [1] * 33, [-1, 3], [3, -4], [2 ** 48 + 1], [2 ** 63], [2 ** 64 - 1], [1.5], ["3"], [True],
+    [2 ** 32, 2 ** 32],  # wraps to 0 in 64-bit arithmetic
+    [2 ** 32 + 1, 2 ** 32],  # wraps to 2^32
+    [2 ** 24, 2 ** 24, 2 ** 24],
+    [3, [4]], {"a": 1}, "3x4",
+])
+def test_r11_shape_bounded_without_overflow(tmp_path, sample_bytes, shape):
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("shape", shape)), "R11")
+
+
+def test_r12_encoding_bits_granularity(tmp_path, sample_bytes):
+    doc, _ = split(sample_bytes)
+    uniform = index_of(doc, "uniform.b3")
+    cases = [
+        (0, lambda e: e.__setitem__("encoding", "gptq")),
+        (0, lambda e: e.__setitem__("granularity", "group")),
+        (0, lambda e: e.__setitem__("bits", 8)),  # raw with bits
+        (0, lambda e: e.__setitem__("granularity", "channel")),  # raw per channel
+        (uniform, lambda e: e.__setitem__("bits", 0)),
+        (uniform, lambda e: e.__setitem__("bits", 17)),
+        (uniform, lambda e: e.__setitem__("bits", 2 ** 64 - 1)),
+        (uniform, lambda e: e.__setitem__("dtype", "int32")),
+        (uniform, lambda e: e.__setitem__("shape", [0, 7])),
+        (uniform, lambda e: (e.__setitem__("shape", []), e.__setitem__("granularity", "channel"))),
+    ]
+    for index, edit in cases:
+        rejects(tmp_path, edited(sample_bytes, edit, index), "R12")
+
+
+def test_r13_params(tmp_path, sample_bytes):
+    doc, _ = split(sample_bytes)
+    uniform, channel = index_of(doc, "uniform.b3"), index_of(doc, "uniform.channel")
+    kmeans = index_of(doc, "kmeans.b2")
+
+    def params(index, **changes):
+        def edit(entry):
+            entry["params"].update(changes)
+            for key, value in list(entry["params"].items()):
+                if value is None:
+                    del entry["params"][key]
+        return index, edit
+
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        (0, lambda e: e.__setitem__("params", {"min": _f32([0])})),  # raw takes no params
+        (uniform, lambda e: e.__setitem__("params", [])),
+        params(uniform, max=None),
+        params(uniform, extra=1),
+        params(uniform, min=_f32([0, 0])),
+        params(uniform, min=_f32([0])[:3]),
+        params(uniform, min=[0.0]),
+        params(uniform, min=_f32([nan])),
+        params(uniform, max=_f32([inf])),
+        params(uniform, min=_f32([3.0]), max=_f32([2.0])),
+        params(uniform, min=_f32([-3e38]), max=_f32([3e38])),  # max - min overflows float32
+        params(channel, min=_f32([0, 0])),  # 3 channels need 3 values
+        params(kmeans, codebook_size=5),  # 2 bits: at most 4
+        params(kmeans, codebook_size=0),
+        params(kmeans, codebook_size=-1),
+        params(kmeans, codebook_size=3.0),
+        params(kmeans, codebook=_f32([0, 1])),
+        params(kmeans, codebook=_f32([0, nan, 1])),
+    ]
+    for index, edit in cases:
+        rejects(tmp_path, edited(sample_bytes, edit, index), "R13")
+
+
+def test_r13_codebook_longer_than_2_to_the_bits(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    entry = doc["tensors"][index_of(doc, "kmeans.b2")]
+    entry["params"] = {"codebook": _f32(range(5)), "codebook_size": 5}
+    rejects(tmp_path, rebuild(doc, payloads), "R13")
+
+
+def test_r14_raw_length_follows_shape_dtype_bits(tmp_path, sample_bytes):
+    doc, _ = split(sample_bytes)
+    for name in ("raw.f32", "uniform.b3", "kmeans.channel", "raw.empty"):
+        index = index_of(doc, name)
+        rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("raw_length", e["raw_length"] + 1), index), "R14")
+    # a shape that agrees with the payload size but not with the dtype
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("dtype", "float16")), "R14")
+
+
+def test_r15_compression(tmp_path, sample_bytes):
+    doc, _ = split(sample_bytes)
+    zstd = index_of(doc, "raw.zstd")
+    cases = [
+        (0, lambda e: e.__setitem__("compression", "gzip")),
+        (0, lambda e: e.__setitem__("length", e["length"] - 1)),  # "none": length = raw_length
+        (zstd, lambda e: e.__setitem__("length", e["raw_length"])),  # zstd must save space
+        (zstd, lambda e: e.__setitem__("length", 0)),
+    ]
+    for index, edit in cases:
+        rejects(tmp_path, edited(sample_bytes, edit, index), "R15")
+
+
+def test_r15_no_zstd_frame_expands_that_much(tmp_path, sample_bytes):
+    # a 1 GiB uint8 tensor claimed by a 10-byte zstd payload: refused before anything is read
+    doc, payloads = split(sample_bytes)
+    index = index_of(doc, "raw.zstd")
+    entry = doc["tensors"][index]
+    entry.update(dtype="uint8", shape=[1 << 30], raw_length=1 << 30)
+    payloads[index] = payloads[index][:10]
+    rejects(tmp_path, rebuild(doc, payloads), "R15")
+
+
+def test_r16_offsets_tile_the_data_section(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    data = lay_out(doc, payloads)
+    good = assemble(doc, data)
+    rejects(tmp_path, good + b"\x00", "R16")  # trailing byte
+    rejects(tmp_path, good + b"\x00" * 64, "R16")
+    rejects(tmp_path, good[:-1], "R16")  # truncated
+    for index, delta in [(1, 64), (1, -64), (2, 1), (0, 64)]:
+        shifted = json_copy(doc)
+        shifted["tensors"][index]["offset"] += delta
+        if shifted["tensors"][index]["offset"] >= 0:
+            rejects(tmp_path, assemble(shifted, data), "R16")
+    overlapping = json_copy(doc)
+    overlapping["tensors"][1]["offset"] = overlapping["tensors"][0]["offset"]
+    rejects(tmp_path, assemble(overlapping, data), "R16")
+    out_of_file = json_copy(doc)
+    out_of_file["tensors"][-1]["offset"] = 2 ** 62
+    rejects(tmp_path, assemble(out_of_file, data), "R16")
+    # a header that describes no tensors must be followed by nothing
+    rejects(tmp_path, assemble({"tensors": [], "metadata": {}}, b"\x00" * 64), "R16")
+
+
+def test_r17_padding_is_zero(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    header = msgpack.packb(doc, use_bin_type=True)
+    head_end = PREAMBLE_SIZE + len(header)
+    assert align(head_end) > head_end, "the sample must have header padding"
+    bad = bytearray(sample_bytes)
+    bad[head_end] = 1
+    rejects(tmp_path, bytes(bad), "R17")
+    data_start = align(head_end)
+    first = doc["tensors"][0]
+    gap = data_start + first["offset"] + first["length"]
+    assert doc["tensors"][1]["offset"] > first["offset"] + first["length"]
+    bad = bytearray(sample_bytes)
+    bad[gap] = 0x80
+    rejects(tmp_path, bytes(bad), "R17")
+
+
+# -- R18..R20: checked on each payload when it is read ---------------------------------------------
+
+
+def test_r18_payload_checksum(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    start = align(PREAMBLE_SIZE + len(msgpack.packb(doc, use_bin_type=True)))
+    for entry in doc["tensors"]:
+        if entry["length"]:
+            bad = bytearray(sample_bytes)
+            bad[start + entry["offset"] + entry["length"] // 2] ^= 0x10
+            rejects(tmp_path, bytes(bad), "R18", ChecksumError, on_read=True)
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("crc32", 1), index_of(doc, "raw.empty")),
+            "R18", ChecksumError, on_read=True)
+
+
+def test_r19_zstd_frame_bounded_by_raw_length(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    index = index_of(doc, "raw.zstd")
+    raw_length = doc["tensors"][index]["raw_length"]
+    cctx = zstandard.ZstdCompressor(level=3)
+    frames = {
+        "declares-more": cctx.compress(bytes(raw_length + 64)),
+        "declares-less": cctx.compress(bytes(raw_length - 4)),
+        "no-content-size": zstandard.ZstdCompressor(write_content_size=False).compress(bytes(raw_length)),
+        "second-frame": cctx.compress(bytes(raw_length)) + cctx.compress(b""),
+        "trailing-bytes": cctx.compress(bytes(raw_length)) + b"\x00\x00",
+        "truncated": cctx.compress(bytes(raw_length))[:-2],
+        "not-zstd": b"\x00" * 40,
+    }
+    for name, frame in frames.items():
+        assert 0 < len(frame) < raw_length, name
+        changed = list(payloads)
+        changed[index] = bytes(frame)
+        rejects(tmp_path, rebuild(json_copy(doc), changed), "R19", on_read=True)
+
+
+def test_r20_decoded_payloads_are_valid(tmp_path, sample_bytes):
+    doc, payloads = split(sample_bytes)
+    # uniform.b3: 35 indices of 3 bits = 105 bits, so the last byte uses 1 bit
+    index = index_of(doc, "uniform.b3")
+    changed = list(payloads)
+    changed[index] = payloads[index][:-1] + bytes([payloads[index][-1] | 0x80])
+    rejects(tmp_path, rebuild(json_copy(doc), changed), "R20", on_read=True)
+    # kmeans.b2: a codebook of 3, so index 3 points past it
+    index = index_of(doc, "kmeans.b2")
+    changed = list(payloads)
+    changed[index] = b"\x03" + payloads[index][1:]
+    exc = rejects(tmp_path, rebuild(json_copy(doc), changed), "R20", on_read=True)
+    assert "codebook" in str(exc)
+    # bool bytes are 0 or 1
+    index = index_of(doc, "raw.bool")
+    changed = list(payloads)
+    changed[index] = b"\x02" + payloads[index][1:]
+    rejects(tmp_path, rebuild(json_copy(doc), changed), "R20", on_read=True)
+
+
+def test_r21_stats(tmp_path, sample_bytes):
+    for stats in ([], {str(i): i for i in range(17)}, {"k" * 65: 1}, {"k": "1"}, {"k": None},
+                  {"k": True}, {"k": [1]}):
+        rejects(tmp_path, edited(sample_bytes, lambda e: e.__setitem__("stats", stats)), "R21")
+    doc = split(sample_bytes)[0]
+    ok = edited(sample_bytes, lambda e: e.__setitem__("stats", {"rel_rms": 0.5, "n": 2 ** 64 - 1}))
+    (tmp_path / "ok.qpk").write_bytes(ok)
+    assert QpkReader(tmp_path / "ok.qpk").entry(doc["tensors"][0]["name"]).stats["n"] == 2 ** 64 - 1
+
+
+# -- files that broke other parsers: rejected fast, with bounded memory -----------------------------
+
+
+def _hostile_files(sample: bytes) -> dict[str, bytes]:
+    doc, payloads = split(sample)
+    data = lay_out(doc, payloads)
+    meta = b"\x82\xa7tensors\x90\xa8metadata\x81\xa1k"
+    files = {
+        "tensors-array-2^32-1": assemble(b"\x82\xa8metadata\x80\xa7tensors\xdd\xff\xff\xff\xff" + b"\xc0" * 64, b""),
+        "nested-arrays-2^32-1": assemble(meta + b"\xdd\xff\xff\xff\xff" * 10_000, b""),
+        "nested-maps-2^32-1": assemble(meta + b"\xdf\xff\xff\xff\xff" * 10_000, b""),
+        "str-2^32-1": assemble(meta + b"\xdb\xff\xff\xff\xff" + b"x" * 100, b""),
+        "nested-maps-100000": assemble(meta + b"\x81\xa1k" * 100_000 + b"\xc0", b""),
+        "nested-arrays-100000": assemble(meta + b"\x91" * 100_000 + b"\xc0", b""),
+        "header-length-past-eof": assemble(doc, data, header_length=len(sample) * 2),
+        "trailing-bytes": assemble(doc, data) + b"\x00" * 1000,
+    }
+
+    def variant(label: str, index: int, **changes: Any) -> None:
+        copy = json_copy(doc)
+        copy["tensors"][index].update(changes)
+        files[label] = assemble(copy, data)
+
+    variant("dim-2^63", 0, shape=[2 ** 63])
+    variant("dims-product-wraps-to-0", 0, shape=[2 ** 32, 2 ** 32])
+    variant("dims-product-wraps-small", 0, dtype="uint8", shape=[2 ** 40 + 1, 2 ** 24],
+            raw_length=2 ** 24)  # 2^64 + 2^24 elements: 2^24 after a 64-bit wrap
+    variant("length-2^64-1", 0, length=2 ** 64 - 1)
+    variant("offset-out-of-file", 1, offset=2 ** 40)
+    variant("offsets-overlap", 1, offset=0)
+    variant("wrong-type-shape", 0, shape="12")
+    variant("wrong-type-bits", 0, bits=b"\x00")
+    kmeans = index_of(doc, "kmeans.b2")
+    variant("codebook-longer-than-2^b", kmeans,
+            params={"codebook": _f32(range(5)), "codebook_size": 5})
+    uniform = index_of(doc, "uniform.b3")
+    for bits in (0, 17, -1):
+        variant(f"bits-{bits}", uniform, bits=bits)
+    return files
+
+
+def test_hostile_files_are_rejected_fast_with_bounded_memory(tmp_path, sample_bytes):
+    for label, data in _hostile_files(sample_bytes).items():
+        path = tmp_path / f"{label}.qpk"
+        path.write_bytes(data)
+        tracemalloc.start()
+        started = time.perf_counter()
+        try:
+            with pytest.raises(FormatError):
+                open_and_read_all(path)
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        elapsed = time.perf_counter() - started
+        assert elapsed < 1.0, (label, elapsed)
+        assert peak < 8 * len(data) + 4_000_000, (label, peak)
+
+
+def test_errors_are_qpk_errors_and_value_errors(tmp_path, sample_bytes):
+    path = tmp_path / "bad.qpk"
+    path.write_bytes(sample_bytes[:-1])
+    with pytest.raises(ValueError):
+        QpkReader(path)
+    with pytest.raises(QpkError):
+        qpack.load(path)
+
+
+def test_smaller_limits_reject_larger_files(tmp_path, sample_bytes):
+    from qpack.format import Limits
+
+    path = tmp_path / "s.qpk"
+    path.write_bytes(sample_bytes)
+    with pytest.raises(FormatError) as caught:
+        QpkReader(path, limits=Limits(max_tensors=3))
+    assert caught.value.rule == "R8"
+    with pytest.raises(FormatError) as caught:
+        QpkReader(path, limits=Limits(max_header_bytes=64))
+    assert caught.value.rule == "R4"
+
+
+def test_maximum_values_are_accepted(tmp_path):
+    """Edges that are allowed: 32 dimensions, 2^48 elements in an empty shape, 16 bits."""
+    shape = [1] * 31 + [0]
+    doc = {"tensors": [{"name": "t", "dtype": "float64", "shape": shape, "encoding": "raw", "bits": 0,
+                        "granularity": "tensor", "params": {}, "offset": 0, "length": 0,
+                        "raw_length": 0, "compression": "none", "crc32": 0, "stats": {}},
+                       {"name": "z", "dtype": "uint8", "shape": [0, 2 ** 48], "encoding": "raw",
+                        "bits": 0, "granularity": "tensor", "params": {}, "offset": 0, "length": 0,
+                        "raw_length": 0, "compression": "none", "crc32": 0, "stats": {}}],
+           "metadata": {}}
+    (tmp_path / "edge.qpk").write_bytes(assemble(doc, b""))
+    loaded = open_and_read_all(tmp_path / "edge.qpk")
+    assert loaded["t"].shape == tuple(shape) and loaded["z"].shape == (0, 2 ** 48)
+    assert math.prod(loaded["z"].shape) == 0
