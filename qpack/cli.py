@@ -8,10 +8,11 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main", "build_parser", "EXIT_CODES"]
 
@@ -27,9 +28,16 @@ EXIT_CODES = {
 }
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qpack`` command (the CLI reference is generated from it)."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="qpack",
         description="Pack PyTorch state dicts into compact .qpk files (uniform or k-means quantization) and back.",
         epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items()),
@@ -126,12 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="qpack: %(message)s")
+    if not args.debug:  # torch's deprecation notices are not the user's problem
+        warnings.simplefilter("ignore")
     from .errors import QpkError
 
     try:
         return _COMMANDS[args.command](args)
     except QpkError as exc:
         return _fail(args, str(exc), exc.exit_code)
+    except MemoryError:
+        return _fail(args, "out of memory", 5)
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -140,6 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, f"{where}{exc.strerror or exc}", 5)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", 130)
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        return _fail(args, f"unexpected {type(exc).__name__}: {_first_line(str(exc))} "
+                           "(run 'qpack --debug ...' for the traceback, and please report it)", 1)
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
