@@ -22,9 +22,8 @@ from .checkpoint import from_mapping
 from .dtypes import itemsize
 from .encoder import TensorReport, encode_tensor
 from .errors import InputError
-from .format import TensorEntry
+from .format import MAGIC, TensorEntry
 from .policy import Policy
-from .format import MAGIC
 from .reader import QpkReader, decode_payload
 from .sources import open_source
 from .writer import QpkWriter, atomic_output, check_output_path

@@ -105,3 +105,27 @@ def test_uniform_spec_worked_example():
     out = uniform.dequantize(torch.tensor([0, 1, 2, 3], dtype=torch.int32), params, 2, (4,), torch.float32)
     assert uniform.step_of(params["min"], params["max"], 2).view(torch.int32).item() == 0x3F2AAAAB
     assert out.tolist() == [-1.0, -0.333333313465118408203125, 0.33333337306976318359375, 1.0]
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=9),
+                         elements=st.floats(-1e6, 1e6, width=32)),
+       bits=st.integers(1, 16), method=st.sampled_from(["uniform", "kmeans"]))
+def test_any_finite_tensor_round_trips_within_bounds(tmp_path, values, bits, method):
+    w = torch.from_numpy(values)
+    _, entry, _, restored = pack_one(tmp_path, w, bits=bits, method=method)
+    assert restored.shape == w.shape and restored.dtype == w.dtype
+    assert torch.unique(restored).numel() <= 1 << bits
+    if method == "kmeans":  # centroids are means of their members
+        assert bool((restored >= w.min()).all()) and bool((restored <= w.max()).all())
+    span = float(w.max()) - float(w.min())
+    err = float((restored.double() - w.double()).abs().max())
+    if method == "uniform":
+        assert err <= span / ((1 << bits) - 1) / 2 * (1 + 1e-4) + 1e-30 + 1e-6 * max(abs(float(w.max())), abs(float(w.min())))
+    if torch.unique(w).numel() <= 1 << bits and method == "kmeans":
+        assert torch.equal(restored, w)  # few distinct values: k-means is exact
