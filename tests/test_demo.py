@@ -215,7 +215,8 @@ def _main(argv: list[str]) -> int:
 def test_cli_digits_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("QPACK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    argv = ["--quick", "--bits", "2", "--split-test", "1000", "--no-plots", "--threads", "1", "--out", str(out)]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the demo keeps the autouse fixture's one thread
+    argv = ["--quick", "--bits", "2", "--split-test", "1000", "--no-plots", "--out", str(out)]
     assert _main(argv) == 0
     text = capsys.readouterr().out
     assert "scikit-learn's 8x8 handwritten digits" in text
@@ -255,3 +256,15 @@ def test_core_cli_registers_demo() -> None:
     configure_parser(parser)
     args = parser.parse_args(["--quick", "--data", "d", "--split-test", "5"])
     assert (args.quick, args.data, args.split_test, args.epochs, args.out) == (True, "d", 5, None, "qpack-demo-out")
+
+
+@pytest.mark.parametrize("load, expected", [(0.0, 4), (0.4, 4), (1.2, 3), (3.6, 1), (9.0, 1)])
+def test_threads_leave_busy_cpus_alone(monkeypatch: pytest.MonkeyPatch, load: float, expected: int) -> None:
+    import os
+
+    from qpack.demo.cli import choose_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    threads, why = choose_threads()
+    assert threads == expected and "4 CPUs" in why

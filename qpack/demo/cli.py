@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-__all__ = ["configure_parser", "run", "DEFAULT_OUT"]
+__all__ = ["configure_parser", "run", "choose_threads", "DEFAULT_OUT"]
 
 DEFAULT_OUT = "qpack-demo-out"
 
@@ -72,11 +72,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bits", type=_bit_list, metavar="LIST", help="widths of the uniform and k-means sweeps (default 1,...,8)"
     )
-    parser.add_argument(
-        "--threads", type=_positive, metavar="N", help="CPU threads for torch (default: every CPU this process may use)"
-    )
     parser.add_argument("--seed", type=int, default=1337, help="seed for numpy, torch and shuffling (default 1337)")
     parser.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+
+
+def choose_threads() -> tuple[int, str]:
+    """Torch threads for training on the CPU: the CPUs this process may use, less the busy ones.
+
+    Other jobs' load counts: with more threads than idle CPUs, torch's threads wait on
+    each other at every operation and a step takes several times longer than with fewer.
+
+    Returns:
+        ``(threads, reason)``: at least 1, at most the usable CPUs.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this system
+        return cpus, f"{cpus} CPUs"
+    threads = max(1, min(cpus, int(cpus - load + 0.5)))
+    return threads, f"{cpus} CPUs, load average {load:.1f}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,19 +117,15 @@ def run(args: argparse.Namespace) -> int:
     from .run import DemoConfig, run_demo
     from .train import TrainConfig
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif args.device == "cpu":
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cpus = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cpus))
-
     def log(line: str) -> None:
         print(line, flush=True)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # else the user chose
+        threads, why = choose_threads()
+        torch.set_num_threads(threads)
+        log(f"torch threads: {threads} ({why}; set OMP_NUM_THREADS to choose)")
 
     data = load_demo_data(args.data, download=args.download, split_test=args.split_test, log=log)
     overrides = {
