@@ -14,7 +14,11 @@ import qpack
 from qpack.demo.mnist import DemoData, load_demo_data
 from qpack.demo.net import SEED_PARAMETER_COUNT, SeedNet
 from qpack.demo.run import DemoConfig, format_table, run_demo, write_plots
-from qpack.demo.train import TrainConfig, codebooks_from_state_dict, evaluate, train_centroids
+from qpack.demo.train import (
+    TrainConfig,
+    codebooks_from_state_dict,
+    train_centroids,
+)
 from qpack.errors import InputError
 
 REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
@@ -169,7 +173,7 @@ def test_seed_uniform_setting_quantizes_biases_to_two_values(
 
 
 def test_results_record_the_data_and_the_table(small_run: tuple[DemoData, Path, dict[str, Any], list[str]]) -> None:
-    data, _, results, lines = small_run
+    _, _, results, lines = small_run
     assert results["data"]["source"] == "mnist"
     assert results["data"]["train"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 0, "stop": 600, "count": 600}
     assert results["data"]["eval"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 8000, "stop": 8400, "count": 400}
@@ -212,7 +216,9 @@ def _main(argv: list[str]) -> int:
         torch.set_num_threads(threads)
 
 
-def test_cli_digits_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_digits_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("QPACK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the demo keeps the autouse fixture's one thread

@@ -210,7 +210,7 @@ def test_digits_fallback(tmp_path: Path) -> None:
 
 
 class _Response(io.BytesIO):
-    def __enter__(self) -> _Response:
+    def __enter__(self) -> _Response:  # noqa: PYI034 (Python 3.10 has no typing.Self)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-__all__ = ["configure_parser", "run", "choose_threads", "DEFAULT_OUT"]
+__all__ = ["DEFAULT_OUT", "choose_threads", "configure_parser", "run"]
 
 DEFAULT_OUT = "qpack-demo-out"
 

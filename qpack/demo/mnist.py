@@ -41,22 +41,22 @@ import torch
 from qpack.errors import InputError
 
 __all__ = [
+    "DEFAULT_SPLIT_TEST",
     "IDX_DTYPES",
     "MNIST_FILES",
     "MNIST_MIRRORS",
-    "DEFAULT_SPLIT_TEST",
     "DemoData",
     "MnistFile",
-    "read_idx",
-    "write_idx",
-    "find_mnist_files",
-    "verify_mnist_file",
-    "read_mnist",
     "default_cache_dir",
     "download_mnist",
+    "find_mnist_files",
+    "load_demo_data",
     "load_digits_data",
     "load_mnist_folder",
-    "load_demo_data",
+    "read_idx",
+    "read_mnist",
+    "verify_mnist_file",
+    "write_idx",
 ]
 
 #: IDX type byte -> numpy dtype of the stored (big-endian) values
@@ -366,7 +366,9 @@ class DemoData:
             rng["count"] = rng["stop"] - rng["start"]
             info[part] = rng
         info["description"] = _describe(info)
-        return DemoData(self.train_x[:n_train], self.train_y[:n_train], self.eval_x[:n_eval], self.eval_y[:n_eval], info)
+        return DemoData(
+            self.train_x[:n_train], self.train_y[:n_train], self.eval_x[:n_eval], self.eval_y[:n_eval], info
+        )
 
 
 def _describe(info: dict[str, Any]) -> str:
@@ -424,7 +426,13 @@ def load_mnist_folder(
         train_x, train_y = read_mnist(found["train"], "train")
         info["train"] = {"file": found["train"]["images"].name, "start": 0, "stop": len(train_y), "count": len(train_y)}
         info["eval"] = {"file": test_file, "start": 0, "stop": len(test_y), "count": len(test_y)}
-        data = DemoData(_to_float(train_x), torch.from_numpy(train_y).long(), _to_float(test_x), torch.from_numpy(test_y).long(), info)
+        data = DemoData(
+            _to_float(train_x),
+            torch.from_numpy(train_y).long(),
+            _to_float(test_x),
+            torch.from_numpy(test_y).long(),
+            info,
+        )
     else:
         n = _split_point(split_test, DEFAULT_SPLIT_TEST, len(test_y), "the MNIST test set")
         if "train" not in found and split_test is None and log is not None:
@@ -488,7 +496,7 @@ def default_cache_dir() -> Path:
 
 
 def _fetch(url: str, spec: MnistFile, timeout: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed https/http mirrors)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         blob = response.read(spec.gz_bytes + 1)
     if len(blob) != spec.gz_bytes:
         raise ValueError(f"got {len(blob)} bytes, expected {spec.gz_bytes}")

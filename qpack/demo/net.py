@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SeedNet", "SEED_PARAMETER_COUNT"]
+__all__ = ["SEED_PARAMETER_COUNT", "SeedNet"]
 
 #: number of parameters of :class:`SeedNet` (buffers not counted)
 SEED_PARAMETER_COUNT = 481_214

@@ -22,16 +22,23 @@ import torch
 
 from .mnist import DemoData
 from .net import SeedNet
-from .train import TrainConfig, codebooks_from_state_dict, evaluate, seed_everything, train, train_centroids
+from .train import (
+    TrainConfig,
+    codebooks_from_state_dict,
+    evaluate,
+    seed_everything,
+    train,
+    train_centroids,
+)
 
 __all__ = [
-    "DemoConfig",
     "ALL_BITS",
     "QUICK_BITS",
-    "run_demo",
-    "load_file",
+    "DemoConfig",
     "evaluate_file",
     "format_table",
+    "load_file",
+    "run_demo",
     "write_plots",
 ]
 
@@ -490,7 +497,8 @@ def write_plots(results: dict[str, Any], out: Path, *, log: Log | None = None) -
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.hist(weights, bins=200, color="lightgrey", log=True)
     ax.set_yscale("log")
-    for method, color, name in (("uniform", "tab:blue", "3-bit uniform levels"), ("kmeans", "tab:red", "3-bit k-means centroids")):
+    marks = (("uniform", "tab:blue", "3-bit uniform levels"), ("kmeans", "tab:red", "3-bit k-means centroids"))
+    for method, color, name in marks:
         file = three_bit_file(method)
         if file is None:
             continue

@@ -23,14 +23,14 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
-    "TrainConfig",
-    "EpochStats",
     "Codebook",
-    "seed_everything",
-    "l1_penalty",
-    "train",
-    "evaluate",
+    "EpochStats",
+    "TrainConfig",
     "codebooks_from_state_dict",
+    "evaluate",
+    "l1_penalty",
+    "seed_everything",
+    "train",
     "train_centroids",
 ]
 
