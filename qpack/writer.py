@@ -76,7 +76,9 @@ class QpkWriter:
         self.entries: list[TensorEntry] = []
         self._names: set[str] = set()
         with _naming_errors(self.path):
-            self._spool: BinaryIO = tempfile.TemporaryFile(dir=self.path.parent or ".", buffering=0)
+            # closed by close() or finish(); anonymous, so a killed process leaves nothing
+            self._spool: BinaryIO = tempfile.TemporaryFile(  # noqa: SIM115
+                dir=self.path.parent or ".", buffering=0)
         self._end = 0  # end of the last payload in the spool
 
     def add(self, entry: TensorEntry, payload: bytes | memoryview) -> TensorEntry:

@@ -20,10 +20,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_reader_rules import assemble, lay_out, split, write_sample
 
 from qpack import QpkError, QpkReader
 from qpack.format import PREAMBLE_SIZE
-from test_reader_rules import assemble, lay_out, split, write_sample
 
 FUZZ_SETTINGS = settings(max_examples=300, deadline=2000, derandomize=True,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -31,7 +31,7 @@ FUZZ_SETTINGS = settings(max_examples=300, deadline=2000, derandomize=True,
 
 def load_all(path: Path) -> dict[str, torch.Tensor]:
     with QpkReader(path) as reader:
-        return {name: reader.tensor(name) for name in reader.keys()}
+        return {name: reader.tensor(name) for name in reader}
 
 
 def put(path: Path, data: bytes) -> None:

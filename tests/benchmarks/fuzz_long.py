@@ -32,8 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the crafting helpers live in tests/test_reader_rules.py
 
-import msgpack  # noqa: E402
-import torch  # noqa: E402
+import msgpack
+import torch
 
 PREAMBLE = struct.Struct("<8sIIII")
 
@@ -67,14 +67,14 @@ class Run:
         signal.setitimer(signal.ITIMER_REAL, max(self.slow * 5, 1.0))
         try:
             with QpkReader(self.scratch) as reader:
-                for name in reader.keys():
+                for name in reader:
                     reader.tensor(name)
             self.loaded += 1
         except QpkError as exc:
             self.rejected += 1
             rule = getattr(exc, "rule", type(exc).__name__)
             self.rules[rule] = self.rules.get(rule, 0) + 1
-        except BaseException as exc:  # noqa: BLE001 - every other exception is what we look for
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             self.fail(f"{type(exc).__name__}: {str(exc)[:120]}", data, traceback.format_exc())
@@ -94,10 +94,11 @@ class Run:
             print(f"FAILURE {what}\n  input saved as {name}\n{trace}", file=sys.stderr, flush=True)
 
     def report(self, seconds: float, engine: str) -> str:
-        lines = [f"engine {engine}: {self.cases} cases in {seconds:.0f} s "
-                 f"({self.cases / max(seconds, 1e-9):.0f}/s); {self.rejected} rejected with QpkError, "
-                 f"{self.loaded} loaded, {sum(self.failures.values())} failures "
-                 f"({len(self.failures)} distinct)"]
+        summary = (f"engine {engine}: {self.cases} cases in {seconds:.0f} s "
+                   f"({self.cases / max(seconds, 1e-9):.0f}/s); {self.rejected} rejected with QpkError, "
+                   f"{self.loaded} loaded, {sum(self.failures.values())} failures "
+                   f"({len(self.failures)} distinct)")
+        lines = [summary]
         lines.append("rejections by rule: " + ", ".join(
             f"{rule} {count}" for rule, count in sorted(self.rules.items(), key=lambda kv: -kv[1])))
         for what, count in self.failures.items():
@@ -117,8 +118,9 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 def seed_files(folder: Path) -> list[bytes]:
     """Small valid files: the rule tests' sample (every encoding), and packed state dicts."""
-    import qpack
     from test_reader_rules import write_sample
+
+    import qpack
 
     write_sample(folder / "sample.qpk")
     seeds = [(folder / "sample.qpk").read_bytes()]
@@ -126,8 +128,9 @@ def seed_files(folder: Path) -> list[bytes]:
     state = {"conv.weight": torch.randn(4, 2, 3, 3, generator=gen), "conv.bias": torch.randn(4, generator=gen),
              "fc.weight": torch.randn(5, 16, generator=gen).half(), "steps": torch.tensor(9),
              "mask": torch.rand(3, 3, generator=gen) > 0.5, "zeros": torch.zeros(300)}
-    for i, options in enumerate([dict(bits=3, min_numel=8), dict(bits=7, granularity="channel", min_numel=8),
-                                 dict(bits=2, method="kmeans", min_numel=8, bias_bits=4)]):
+    choices = [{"bits": 3, "min_numel": 8}, {"bits": 7, "granularity": "channel", "min_numel": 8},
+               {"bits": 2, "method": "kmeans", "min_numel": 8, "bias_bits": 4}]
+    for i, options in enumerate(choices):
         try:
             qpack.pack(state, folder / f"seed{i}.qpk", force=True, **options)
         except qpack.QpkError as exc:  # e.g. kmeans missing while it is being written
@@ -157,7 +160,7 @@ def fix_checksums(data: bytes, payloads_too: bool) -> bytes:
             if len(new_header) == len(header):  # same size: the layout is unchanged
                 header = new_header
                 data = data[:PREAMBLE.size] + header + data[PREAMBLE.size + length:]
-        except Exception:  # noqa: BLE001 - any header this cannot repair is used as it is
+        except Exception:  # noqa: BLE001, S110 - a header this cannot repair is used as it is
             pass
     return PREAMBLE.pack(magic, version, length, zlib.crc32(header), reserved) + data[PREAMBLE.size:]
 
@@ -279,7 +282,7 @@ def main() -> int:
     engine = args.engine
     if engine == "auto":
         try:
-            import atheris  # noqa: F401
+            import atheris
             engine = "atheris"
         except ImportError:
             engine = "random"
@@ -289,8 +292,8 @@ def main() -> int:
         import atheris
 
         with atheris.instrument_imports():
-            import qpack  # noqa: F401
-            import qpack.format  # noqa: F401
+            import qpack
+            import qpack.format
             import qpack.reader  # noqa: F401
     seeds = seed_files(Path(tempfile.mkdtemp(prefix="qpk-seeds-")))
     run = Run(args.out, args.slow)

@@ -1,0 +1,67 @@
+"""One QpkReader shared by several threads gives every thread the same tensors."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import torch
+from test_reader_rules import write_sample
+
+import qpack
+from qpack import QpkReader
+
+
+def as_bytes(tensor: torch.Tensor) -> tuple:
+    return tensor.dtype, tuple(tensor.shape), tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def read_concurrently(reader: QpkReader, threads: int, rounds: int) -> list[dict[str, tuple]]:
+    names = reader.keys()
+    start = threading.Barrier(threads)
+    results: list[dict[str, tuple]] = [{} for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        order = list(names) * rounds
+        random.Random(index).shuffle(order)
+        try:
+            start.wait()
+            for name in order:
+                got = as_bytes(reader.tensor(name))
+                seen = results[index].setdefault(name, got)
+                assert seen == got, f"thread {index} read {name} two different ways"
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+def test_threads_share_one_reader(tmp_path):
+    write_sample(tmp_path / "sample.qpk")  # raw, zstd, uniform and kmeans entries
+    gen = torch.Generator().manual_seed(3)
+    state = {f"w{i}": torch.randn(128, 96, generator=gen) for i in range(6)}
+    state["zeros"] = torch.zeros(256, 64)  # compresses: read through zstd
+    state["steps"] = torch.tensor(5)
+    qpack.pack(state, tmp_path / "packed.qpk", bits=5, granularity="channel")
+    for name in ("sample.qpk", "packed.qpk"):
+        with QpkReader(tmp_path / name) as reader:
+            expected = {n: as_bytes(reader.tensor(n)) for n in reader}
+            for result in read_concurrently(reader, threads=8, rounds=4):
+                assert result == expected
+
+
+def test_load_with_threads_matches_one_thread(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    state = {f"layer{i}.weight": torch.randn(64, 64, generator=gen) for i in range(12)}
+    qpack.pack(state, tmp_path / "m.qpk", bits=4)
+    one = qpack.load(tmp_path / "m.qpk", threads=1)
+    many = qpack.load(tmp_path / "m.qpk", threads=6)
+    assert list(one) == list(many)
+    assert all(torch.equal(one[k], many[k]) for k in one)
