@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index bits, 1-16 (default 8); GLOB=B sets the bits of matching tensors (repeatable)")
     p.add_argument("-m", "--method", default="uniform", choices=["uniform", "kmeans"],
                    help="uniform min/max grid, or k-means codebook (default uniform)")
-    p.add_argument("-g", "--granularity", default="tensor", choices=["tensor", "channel"],
-                   help="one min/max or codebook per tensor, or per output channel (default tensor)")
+    p.add_argument("-g", "--granularity", default="tensor", metavar="tensor|channel|group:G",
+                   help="one min/max or codebook per tensor, per output channel, or per run of G "
+                        "elements, 16 <= G <= 65536 (default tensor)")
     p.add_argument("--bias-bits", type=int, metavar="N",
                    help="also quantize 1-D float tensors (biases, norm weights) at N bits")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",

@@ -33,6 +33,7 @@ __all__ = [
     "build_header",
     "parse_header",
     "expected_raw_length",
+    "parameter_rows",
     "layout_offsets",
     "name_problem",
     "metadata_problem",
@@ -46,11 +47,13 @@ PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
 
 ENCODINGS = ("raw", "uniform", "kmeans")
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("tensor", "channel", "group")
+#: R12: group sizes a reader accepts
+MIN_GROUP, MAX_GROUP = 16, 65536
 COMPRESSIONS = ("none", "zstd")
 TENSOR_KEYS = frozenset(
-    {"name", "dtype", "shape", "encoding", "bits", "granularity", "params", "offset",
-     "length", "raw_length", "compression", "crc32", "stats"}
+    {"name", "dtype", "shape", "encoding", "bits", "width", "granularity", "group_size", "params",
+     "offset", "length", "raw_length", "compression", "crc32", "stats"}
 )
 PARAM_KEYS = {"raw": frozenset(), "uniform": frozenset({"min", "max"}),
               "kmeans": frozenset({"codebook", "codebook_size"})}
@@ -101,6 +104,14 @@ class TensorEntry:
     compression: str = "none"
     crc32: int = 0
     stats: dict[str, int | float] = field(default_factory=dict)
+    #: stored bits per index: ``bits``, or a wider container that compresses better (spec 4)
+    width: int = 0
+    #: elements per parameter set with granularity "group", else 0
+    group_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.width == 0 and self.encoding != "raw":
+            self.width = self.bits
 
     @property
     def numel(self) -> int:
@@ -108,12 +119,14 @@ class TensorEntry:
 
     @property
     def channels(self) -> int:
-        return self.shape[0] if self.granularity == "channel" else 1
+        """Number of parameter sets (rows): spec section 3."""
+        return parameter_rows(self.shape, self.granularity, self.group_size)
 
     def to_header(self) -> dict[str, Any]:
         return {
             "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-            "encoding": self.encoding, "bits": self.bits, "granularity": self.granularity,
+            "encoding": self.encoding, "bits": self.bits, "width": self.width,
+            "granularity": self.granularity, "group_size": self.group_size,
             "params": self.params, "offset": self.offset, "length": self.length,
             "raw_length": self.raw_length, "compression": self.compression, "crc32": self.crc32,
             "stats": self.stats,
@@ -125,12 +138,21 @@ def align(n: int, alignment: int = ALIGNMENT) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def expected_raw_length(dtype: str, shape: tuple[int, ...], encoding: str, bits: int) -> int:
-    """Decompressed payload length implied by dtype, shape, encoding and bits (R14)."""
+def expected_raw_length(dtype: str, shape: tuple[int, ...], encoding: str, width: int) -> int:
+    """Decompressed payload length implied by dtype, shape, encoding and index width (R14)."""
     numel = math.prod(shape)
     if encoding == "raw":
         return numel * DTYPES[dtype][1]
-    return (numel * bits + 7) // 8
+    return (numel * width + 7) // 8
+
+
+def parameter_rows(shape: tuple[int, ...] | list[int], granularity: str, group_size: int = 0) -> int:
+    """Number of parameter sets: 1 per tensor, shape[0] per channel, ceil(numel / G) per group."""
+    if granularity == "channel":
+        return shape[0]
+    if granularity == "group":
+        return -(-math.prod(shape) // group_size)
+    return 1
 
 
 def layout_offsets(lengths: list[int]) -> list[int]:
@@ -375,7 +397,7 @@ def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
     problem = name_problem(name, limits)
     _expect(problem is None, "R9", f"{where}: {problem}")
     where = f"tensor {name!r}"
-    for key in ("bits", "offset", "length", "raw_length", "crc32"):
+    for key in ("bits", "width", "group_size", "offset", "length", "raw_length", "crc32"):
         _expect(_is_int(raw[key]) and raw[key] >= 0, "R8", f"{where}: {key} must be a non-negative integer")
     for key in ("dtype", "encoding", "granularity", "compression"):
         _expect(isinstance(raw[key], str), "R8", f"{where}: {key} must be a string")
@@ -392,19 +414,27 @@ def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
         numel *= dim  # Python ints do not wrap; the bound below keeps them small
         _expect(numel <= limits.max_elements, "R11", f"{where}: {numel} elements is more than {limits.max_elements}")
     encoding, bits, granularity = raw["encoding"], raw["bits"], raw["granularity"]
+    width, group_size = raw["width"], raw["group_size"]
     _expect(encoding in ENCODINGS, "R12", f"{where}: unknown encoding {encoding[:40]!r} (a newer qpack may read it)")
     _expect(granularity in GRANULARITIES, "R12", f"{where}: unknown granularity {granularity[:40]!r}")
     if encoding == "raw":
-        _expect(bits == 0 and granularity == "tensor", "R12", f"{where}: raw tensors have bits 0 and granularity 'tensor'")
+        _expect(bits == 0 and width == 0 and granularity == "tensor" and group_size == 0, "R12",
+                f"{where}: raw tensors have bits 0, width 0, granularity 'tensor' and group_size 0")
     else:
         _expect(1 <= bits <= 16, "R12", f"{where}: bits {bits} outside 1..16")
+        _expect(bits <= width <= 16, "R12", f"{where}: width {width} outside {bits}..16 (bits..16)")
         _expect(is_float_name(dtype), "R12", f"{where}: {encoding} needs a floating dtype, not {dtype}")
         _expect(numel >= 1, "R12", f"{where}: a quantized tensor needs at least one element")
         if granularity == "channel":
             _expect(len(shape) >= 1, "R12", f"{where}: per-channel needs at least one dimension")
-    channels = shape[0] if granularity == "channel" else 1
+        if granularity == "group":
+            _expect(MIN_GROUP <= group_size <= MAX_GROUP, "R12",
+                    f"{where}: group_size {group_size} outside {MIN_GROUP}..{MAX_GROUP}")
+        else:
+            _expect(group_size == 0, "R12", f"{where}: group_size must be 0 unless granularity is 'group'")
+    channels = parameter_rows(shape, granularity, group_size) if encoding != "raw" else 1
     params = _parse_params(where, encoding, bits, channels, raw["params"])
-    raw_length = expected_raw_length(dtype, tuple(shape), encoding, bits)
+    raw_length = expected_raw_length(dtype, tuple(shape), encoding, width)
     _expect(raw["raw_length"] == raw_length, "R14",
             f"{where}: raw_length {raw['raw_length']}, but {dtype} {shape} as {encoding} needs {raw_length} bytes")
     compression, length = raw["compression"], raw["length"]
@@ -424,7 +454,8 @@ def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
                 and not isinstance(value, bool), "R21",
                 f"{where}: stats entries must map strings of at most 64 bytes to numbers")
     return TensorEntry(name, dtype, tuple(shape), encoding, bits, granularity, params,
-                       raw["offset"], length, raw_length, compression, raw["crc32"], stats)
+                       raw["offset"], length, raw_length, compression, raw["crc32"], stats,
+                       width=width, group_size=group_size)
 
 
 def _float32_array(where: str, key: str, value: Any, count: int) -> np.ndarray:

@@ -10,10 +10,11 @@ import torch
 from .dtypes import is_float_name, name_of_dtype
 from .errors import InputError
 
-__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES"]
+__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "parse_granularity"]
 
 METHODS = ("uniform", "kmeans")
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("tensor", "channel", "group:G")
+MIN_GROUP, MAX_GROUP = 16, 65536
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -25,6 +26,7 @@ class Decision:
     bits: int
     granularity: str
     reason: str
+    group_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,9 @@ class Policy:
     Args:
         bits: index width for quantized tensors, 1..16.
         method: "uniform" (min/max grid) or "kmeans" (codebook).
-        granularity: "tensor" (one min/max or codebook per tensor) or "channel" (per output
-            channel, i.e. per slice along dim 0).
+        granularity: "tensor" (one min/max or codebook per tensor), "channel" (per output
+            channel, i.e. per slice along dim 0) or "group:G" (per run of G consecutive
+            elements, 16 <= G <= 65536).
         bias_bits: also quantize 1-D float tensors (biases, BatchNorm weight and bias) at
             this width; BatchNorm running statistics always stay raw.
         exclude: glob patterns of tensor names kept raw.
@@ -61,8 +64,7 @@ class Policy:
             _check_bits(f"bits for {pattern!r}", bits)
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.granularity not in GRANULARITIES:
-            raise InputError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        parse_granularity(self.granularity)
         if not isinstance(self.min_numel, int) or self.min_numel < 1:
             raise InputError(f"min_numel must be a positive integer, got {self.min_numel!r}")
 
@@ -77,17 +79,30 @@ class Policy:
             return Decision("raw", 0, "tensor", "BatchNorm statistics")
         if tensor.numel() == 0 or tensor.dim() == 0:
             return Decision("raw", 0, "tensor", "empty or 0-d")
-        granularity = self.granularity if tensor.dim() >= 2 else "tensor"
+        kind, group_size = parse_granularity(self.granularity)
+        if kind == "channel" and tensor.dim() < 2 or kind == "group" and tensor.numel() <= group_size:
+            kind, group_size = "tensor", 0
         for pattern, bits in self.bit_overrides:
             if fnmatch.fnmatchcase(name, pattern):
-                return Decision(self.method, bits, granularity, f"--bits {pattern}={bits}")
+                return Decision(self.method, bits, kind, f"--bits {pattern}={bits}", group_size)
         if tensor.dim() >= 2:
             if tensor.numel() < self.min_numel:
                 return Decision("raw", 0, "tensor", f"small (< {self.min_numel} elements)")
-            return Decision(self.method, self.bits, granularity, "weight")
+            return Decision(self.method, self.bits, kind, "weight", group_size)
         if self.bias_bits is not None:
             return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)")
         return Decision("raw", 0, "tensor", "1-D (bias or norm)")
+
+
+def parse_granularity(text: str) -> tuple[str, int]:
+    """"tensor" -> ("tensor", 0), "channel" -> ("channel", 0), "group:64" -> ("group", 64)."""
+    if text in ("tensor", "channel"):
+        return text, 0
+    kind, _, size = str(text).partition(":")
+    if kind == "group" and size.isdigit() and MIN_GROUP <= int(size) <= MAX_GROUP:
+        return "group", int(size)
+    raise InputError(f"unknown granularity {text!r}; choose tensor, channel or group:G "
+                     f"with {MIN_GROUP} <= G <= {MAX_GROUP}")
 
 
 def _check_bits(what: str, bits: object) -> None:

@@ -222,13 +222,14 @@ def decode_payload(entry: TensorEntry, payload: torch.Tensor, device: str | torc
         if dtype == torch.bool and payload.numel() and int(payload.max()) > 1:
             raise FormatError("R20", f"tensor {entry.name!r}: bool bytes must be 0 or 1")
         return tensor.to(device)
-    used_bits = entry.numel * entry.bits % 8
+    used_bits = entry.numel * entry.width % 8
     if used_bits and int(payload[-1]) >> used_bits:
         raise FormatError("R20", f"tensor {entry.name!r}: unused bits of the last payload byte are not zero")
-    indices = unpack_bits(payload.to(device, non_blocking=True), entry.bits, entry.numel)
-    if entry.encoding == "kmeans":
-        size = entry.params["codebook_size"]
-        if size < 1 << entry.bits and int(indices.max()) >= size:
-            raise FormatError("R20", f"tensor {entry.name!r}: an index points past the {size}-entry codebook")
+    indices = unpack_bits(payload.to(device, non_blocking=True), entry.width, entry.numel)
+    limit = entry.params["codebook_size"] if entry.encoding == "kmeans" else 1 << entry.bits
+    if limit < 1 << entry.width and int(indices.max()) >= limit:
+        what = f"the {limit}-entry codebook" if entry.encoding == "kmeans" else f"{entry.bits} bits"
+        raise FormatError("R20", f"tensor {entry.name!r}: an index does not fit {what}")
     codec = codecs.QUANTIZERS[entry.encoding]
-    return codec.dequantize(indices, _params_on(entry, device), entry.bits, entry.shape, dtype)
+    row_length = entry.group_size or None
+    return codec.dequantize(indices, _params_on(entry, device), entry.bits, entry.shape, dtype, row_length)

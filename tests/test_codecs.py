@@ -129,3 +129,48 @@ def test_any_finite_tensor_round_trips_within_bounds(tmp_path, values, bits, met
         assert err <= span / ((1 << bits) - 1) / 2 * (1 + 1e-4) + 1e-30 + 1e-6 * max(abs(float(w.max())), abs(float(w.min())))
     if torch.unique(w).numel() <= 1 << bits and method == "kmeans":
         assert torch.equal(restored, w)  # few distinct values: k-means is exact
+
+
+@pytest.mark.parametrize("group", [16, 64, 100])
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+def test_group_granularity(tmp_path, group, method):
+    w = laplace((37, 29), seed=group)  # 1073 elements: the last group is short
+    _, entry, _, restored = pack_one(tmp_path, w, bits=3, method=method, granularity=f"group:{group}")
+    assert entry.granularity == "group" and entry.group_size == group
+    rows = -(-w.numel() // group)
+    flat_w, flat_r = w.reshape(-1), restored.reshape(-1)
+    if method == "uniform":
+        lo = np.frombuffer(entry.params["min"], "<f4")
+        hi = np.frombuffer(entry.params["max"], "<f4")
+        assert lo.size == rows
+        for r in [0, rows // 2, rows - 1]:
+            chunk = flat_w[r * group:(r + 1) * group]
+            assert lo[r] == float(chunk.min()) and hi[r] == float(chunk.max())
+    for r in [0, rows - 1]:
+        assert torch.unique(flat_r[r * group:(r + 1) * group]).numel() <= 8
+    # finer parameters, smaller error than one set per tensor
+    _, _, _, coarse = pack_one(tmp_path, w, bits=3, method=method)
+    assert float(((restored - w) ** 2).sum()) < float(((coarse - w) ** 2).sum())
+
+
+def test_group_granularity_is_validated(tmp_path):
+    for bad in ["group:8", "group:70000", "group:x", "rows"]:
+        with pytest.raises(qpack.InputError):
+            qpack.pack({"w": torch.randn(8, 8)}, tmp_path / "g.qpk", granularity=bad, force=True)
+
+
+@pytest.mark.parametrize("bits,container", [(3, 4), (5, 8), (6, 8), (7, 8), (12, 16)])
+def test_odd_widths_may_use_a_byte_friendly_container(tmp_path, bits, container):
+    # skewed indices, as trained weights give: the container form compresses better
+    w = laplace((400, 250), seed=bits)
+    _, entry, payload, restored = pack_one(tmp_path, w, bits=bits, method="kmeans")
+    assert entry.width in (bits, container)
+    assert payload.numel() == (w.numel() * entry.width + 7) // 8
+    # whatever the writer chose, the stored size is the smaller of the two forms
+    from qpack.encoder import _pack, compress
+
+    indices = qpack.codecs.kmeans.quantize(w.reshape(-1), {"codebook": torch.from_numpy(
+        np.frombuffer(entry.params["codebook"], "<f4").copy()).reshape(1, -1)}, bits)
+    sizes = {width: len(compress(memoryview(_pack(indices, width)))[1]) for width in (bits, container)}
+    assert entry.length == min(sizes.values())
+    assert torch.unique(restored).numel() <= 1 << bits

@@ -1,6 +1,6 @@
-"""``kmeans``: a codebook of at most 2^b float32 centroids per tensor (or per output
-channel), b-bit indices of the nearest centroid. Reconstruction: ``W = codebook[idx]``,
-exact (no arithmetic), then cast to the original dtype.
+"""``kmeans``: a codebook of at most 2^b float32 centroids per tensor (or per channel or
+group), b-bit indices of the nearest centroid. Reconstruction: ``W = codebook[idx]``, exact
+(no arithmetic), then cast to the original dtype.
 """
 
 from __future__ import annotations
@@ -8,49 +8,53 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .rows import as_rows, from_rows
+
 __all__ = ["choose_params", "quantize", "dequantize"]
 
 
-def choose_params(tensor: torch.Tensor, bits: int, channels: int = 1) -> dict[str, torch.Tensor]:
+def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
+                  row_length: int | None = None) -> dict[str, torch.Tensor]:
     """Fit one sorted codebook of at most ``2**bits`` centroids per row.
 
     Rows whose codebooks come out shorter than the longest are padded by repeating their
-    last centroid, so the stored codebook is a ``(channels, K)`` float32 matrix.
+    last centroid, so the stored codebook is a ``(rows, K)`` float32 matrix. (The padded
+    last group repeats its last value, which does not change its codebook.)
 
     Returns:
-        ``{"codebook": Tensor[channels, K]}`` in float32.
+        ``{"codebook": Tensor[rows, K]}`` in float32.
     """
-    from .. import kmeans1d
+    from .. import kmeans1d  # scikit-free, but only needed when packing
 
-    rows = tensor.detach().to("cpu", torch.float32).reshape(channels, -1).numpy()
-    books = [kmeans1d.fit_codebook(row, 1 << bits) for row in rows]
+    view = as_rows(tensor.detach().to("cpu"), rows, row_length).to(torch.float32).numpy()
+    books = [kmeans1d.fit_codebook(row, 1 << bits) for row in view]
     width = max(len(book) for book in books)
     padded = np.stack([np.pad(book, (0, width - len(book)), mode="edge") for book in books])
     return {"codebook": torch.from_numpy(padded.astype(np.float32))}
 
 
-def quantize(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-    """Index of the nearest centroid of every element, flat int32 in C order."""
+def quantize(values: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
+             row_length: int | None = None) -> torch.Tensor:
+    """Index of the nearest centroid of every element (whole rows), flat int32 in C order."""
     from .. import kmeans1d
 
     codebook = params["codebook"].numpy()
-    rows = tensor.detach().to("cpu", torch.float32).reshape(codebook.shape[0], -1).numpy()
-    idx = np.stack([kmeans1d.assign(row, book) for row, book in zip(rows, codebook)])
-    return torch.from_numpy(idx.astype(np.int32).reshape(-1))
+    view = as_rows(values.detach().to("cpu"), codebook.shape[0], row_length).to(torch.float32).numpy()
+    if codebook.shape[0] == 1:
+        idx = kmeans1d.assign(view[0], codebook[0])[None, :]
+    else:
+        idx = np.stack([kmeans1d.assign(row, book) for row, book in zip(view, codebook)])
+    return from_rows(torch.from_numpy(idx.astype(np.int32)), values.numel())
 
 
-def dequantize(
-    indices: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    bits: int,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def dequantize(indices: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
+               shape: tuple[int, ...], dtype: torch.dtype, row_length: int | None = None) -> torch.Tensor:
     """Look every index up in its row's codebook, on the indices' device."""
     codebook = params["codebook"]
-    channels, width = codebook.shape
-    flat_book = codebook.reshape(-1)
-    idx = indices.reshape(channels, -1).to(torch.int32)
-    if channels > 1:
-        idx = idx + (torch.arange(channels, device=idx.device, dtype=idx.dtype) * width)[:, None]
-    return flat_book.index_select(0, idx.reshape(-1)).reshape(shape).to(dtype)
+    rows, size = codebook.shape
+    count = indices.numel()
+    idx = as_rows(indices, rows, row_length).to(torch.int32)
+    if rows > 1:
+        idx = idx + (torch.arange(rows, device=idx.device, dtype=idx.dtype) * size)[:, None]
+    values = codebook.reshape(-1).index_select(0, idx.reshape(-1))
+    return from_rows(values, count).reshape(shape).to(dtype)

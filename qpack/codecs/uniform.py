@@ -1,6 +1,6 @@
-"""``uniform``: min/max per tensor or per output channel, b-bit indices.
+"""``uniform``: min/max per tensor, per output channel or per group, b-bit indices.
 
-Reconstruction (spec section "Encoding uniform"), every step in float32 and rounded:
+Reconstruction (spec section 3.2), every step in float32 and rounded:
 
     step = fl32(fl32(max - min) / fl32(2^b - 1))
     W    = fl32(min + fl32(step * idx))
@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from .rows import as_rows, from_rows
+
 __all__ = ["choose_params", "quantize", "dequantize", "step_of"]
-
-
-def _rows(tensor: torch.Tensor, channels: int) -> torch.Tensor:
-    return tensor.reshape(channels, -1).to(torch.float32)
 
 
 def step_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
@@ -30,47 +28,45 @@ def step_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     return step.to(lo.device)
 
 
-def choose_params(tensor: torch.Tensor, bits: int, channels: int = 1) -> dict[str, torch.Tensor]:
-    """Per-row float32 min and max of ``tensor`` viewed as ``(channels, -1)``.
+def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
+                  row_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Per-row float32 min and max of ``tensor`` (flattened in C order).
 
     Args:
         tensor: a finite floating tensor with at least one element.
         bits: index width (unused for the choice, kept for a uniform codec signature).
-        channels: 1 for per-tensor, ``shape[0]`` for per-output-channel.
+        rows: number of parameter sets: 1 per tensor, ``shape[0]`` per channel, or the number
+            of groups.
+        row_length: elements per row when rows are groups (the last may be shorter).
 
     Returns:
-        ``{"min": Tensor[channels], "max": Tensor[channels]}`` in float32.
+        ``{"min": Tensor[rows], "max": Tensor[rows]}`` in float32.
     """
-    rows = tensor.reshape(channels, -1)  # min and max are exact in any dtype: no float32 copy
-    return {"min": rows.amin(dim=1).to(torch.float32), "max": rows.amax(dim=1).to(torch.float32)}
+    view = as_rows(tensor, rows, row_length)  # min and max are exact in any dtype: no float32 copy
+    return {"min": view.amin(dim=1).to(torch.float32), "max": view.amax(dim=1).to(torch.float32)}
 
 
-def quantize(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-    """Nearest grid index of every element, as a flat int32 tensor in C order."""
+def quantize(values: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
+             row_length: int | None = None) -> torch.Tensor:
+    """Nearest grid index of every element of ``values`` (whole rows), flat int32 in C order."""
     lo, hi = params["min"], params["max"]
-    channels = lo.numel()
     step = step_of(lo, hi, bits)
     constant = step == 0
     safe_step = torch.where(constant, torch.ones_like(step), step)
-    idx = _rows(tensor, channels) - lo[:, None]  # a new tensor: the caller's is never touched
+    idx = as_rows(values, lo.numel(), row_length).to(torch.float32) - lo[:, None]  # a new tensor
     idx.div_(safe_step[:, None]).round_().clamp_(0, (1 << bits) - 1)
     if bool(constant.any()):
         idx[constant] = 0
-    return idx.to(torch.int32).reshape(-1)
+    return from_rows(idx.to(torch.int32), values.numel())
 
 
-def dequantize(
-    indices: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    bits: int,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def dequantize(indices: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
+               shape: tuple[int, ...], dtype: torch.dtype, row_length: int | None = None) -> torch.Tensor:
     """Rebuild the tensor from its indices on the indices' device (two roundings, no FMA)."""
     lo, hi = params["min"], params["max"]
-    channels = lo.numel()
     step = step_of(lo, hi, bits)
-    values = indices.reshape(channels, -1).to(torch.float32)
+    count = indices.numel()
+    values = as_rows(indices, lo.numel(), row_length).to(torch.float32)
     values.mul_(step[:, None])
     values.add_(lo[:, None])
-    return values.reshape(shape).to(dtype)
+    return from_rows(values, count).reshape(shape).to(dtype)

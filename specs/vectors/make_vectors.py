@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 def vector_inputs() -> dict[str, dict]:
     """name -> (state dict, pack options). Everything is deterministic."""
+    torch.manual_seed(7)
     ramp = torch.tensor([[-1.0, -0.3, 0.4, 1.0], [0.2, 0.9, -0.7, 0.0]])
     gen = torch.Generator().manual_seed(42)
     return {
@@ -37,6 +38,10 @@ def vector_inputs() -> dict[str, dict]:
         "uniform_channel_b5_f16": ({"w": (torch.randn(3, 7, generator=gen) * 0.1).to(torch.float16)},
                                    {"bits": 5, "granularity": "channel", "min_numel": 1}),
         "uniform_b13": ({"w": torch.randn(2, 11, generator=gen)}, {"bits": 13, "min_numel": 1}),
+        "uniform_group16_b4": ({"w": torch.randn(5, 7, generator=gen)},
+                               {"bits": 4, "granularity": "group:16", "min_numel": 1}),
+        "kmeans_b5_container": ({"w": torch.distributions.Laplace(0.0, 0.02).sample((40, 50))},
+                                {"bits": 5, "method": "kmeans", "min_numel": 1}),
         "kmeans_b3": ({"w": torch.tensor([[0.5, 0.5, -1.0, 2.0], [2.0, 0.25, -1.0, 0.5],
                                           [0.25, 0.25, 7.0, -3.0]])},
                       {"bits": 3, "method": "kmeans", "min_numel": 1}),
@@ -46,14 +51,22 @@ def vector_inputs() -> dict[str, dict]:
 # ---- the spec, re-implemented in numpy ------------------------------------------------------
 
 def spec_pack(indices: np.ndarray, bits: int) -> bytes:
-    """Section 4: LSB-first bit stream."""
+    """Section 4: LSB-first bit stream of ``bits`` (the entry's width) per index."""
     bit_matrix = (indices.astype(np.uint64)[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)
     return np.packbits(bit_matrix.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
 
 
-def spec_uniform(values: np.ndarray, bits: int, channels: int) -> tuple[np.ndarray, bytes]:
-    """Section 3.2: writer's choice of indices and the exact float32 reconstruction."""
-    rows = values.astype(np.float32).reshape(channels, -1)
+def spec_uniform(values: np.ndarray, bits: int, channels: int, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Section 3.2: writer's choice of indices and the exact float32 reconstruction.
+
+    Rows are channels, or groups of ``group`` elements (the short last group is padded with
+    its last value for the arithmetic, then cut).
+    """
+    flat = values.astype(np.float32).reshape(-1)
+    count = flat.size
+    if group:
+        flat = np.concatenate([flat, np.repeat(flat[-1:], channels * group - count)])
+    rows = flat.reshape(channels, -1)
     lo, hi = rows.min(1, keepdims=True), rows.max(1, keepdims=True)
     levels = np.float32((1 << bits) - 1)
     step = np.float32(hi - lo) / levels
@@ -61,7 +74,7 @@ def spec_uniform(values: np.ndarray, bits: int, channels: int) -> tuple[np.ndarr
     q = np.clip(np.rint((rows - lo) / safe), 0, levels)
     q = np.where(step > 0, q, 0).astype(np.int64)
     rebuilt = (lo + (step * q.astype(np.float32)).astype(np.float32)).astype(np.float32)
-    return rebuilt, spec_pack(q.reshape(-1), bits)
+    return rebuilt.reshape(-1)[:count], q.reshape(-1)[:count]
 
 
 def spec_kmeans_decode(codebook: np.ndarray, packed: bytes, bits: int, count: int) -> np.ndarray:
@@ -79,15 +92,15 @@ def expected_for(name: str, state: dict, reader) -> dict:
             values = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
             record["value_bytes_hex"] = values.hex()
         elif entry.encoding == "uniform":
-            channels = entry.shape[0] if entry.granularity == "channel" else 1
-            rebuilt, packed = spec_uniform(tensor.float().numpy(), entry.bits, channels)
+            rebuilt, q = spec_uniform(tensor.float().numpy(), entry.bits, entry.channels, entry.group_size)
+            packed = spec_pack(q, entry.width)
             final = torch.from_numpy(rebuilt.reshape(entry.shape)).to(tensor.dtype)
             record["payload_hex"] = packed.hex()
             record["value_bytes_hex"] = final.contiguous().view(torch.uint8).numpy().tobytes().hex()
         else:  # kmeans: the codebook is the writer's choice; decoding follows the spec
             book = np.frombuffer(entry.params["codebook"], "<f4")
             payload = reader.read_payload(key).numpy().tobytes()
-            values = spec_kmeans_decode(book, payload, entry.bits, int(np.prod(entry.shape)))
+            values = spec_kmeans_decode(book, payload, entry.width, int(np.prod(entry.shape)))
             record["codebook"] = book.tolist()
             record["value_bytes_hex"] = torch.from_numpy(values.reshape(entry.shape).astype(np.float32)).to(tensor.dtype).view(torch.uint8).numpy().tobytes().hex()
         out[key] = record
