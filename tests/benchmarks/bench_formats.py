@@ -710,6 +710,8 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "versions": {d: _version(d) for d in ("torch", "numpy", "qpack", "safetensors", "gguf", "zstandard")},
         "git_commit": commit.stdout.strip() or None, "qpack_tree_dirty": bool(dirty.stdout.strip()),
+        "qpack_path": str(Path(importlib.util.find_spec("qpack").origin).parent)
+        if importlib.util.find_spec("qpack") else None,
     }
 
 
