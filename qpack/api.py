@@ -85,6 +85,7 @@ def pack(
     exclude: Iterable[str] = (),
     bit_overrides: Mapping[str, int] | None = None,
     min_numel: int = 64,
+    prune: float | None = None,
     force: bool = False,
     metadata: Mapping[str, str] | None = None,
     trust_pickle: bool = False,
@@ -102,6 +103,8 @@ def pack(
         exclude: glob patterns of names kept raw.
         bit_overrides: ``{glob: bits}`` for matching tensors.
         min_numel: float tensors with fewer elements stay raw.
+        prune: zero this fraction of the smallest weights of each quantized tensor; zero is
+            then an exact level, and runs of zeros cost little after compression.
         force: overwrite an existing ``out_path``.
         metadata: extra string-to-string entries stored in the file.
         trust_pickle: allow checkpoints holding arbitrary pickled objects (runs their code).
@@ -117,7 +120,7 @@ def pack(
     started = time.perf_counter()
     policy = Policy(bits=bits, method=method, granularity=granularity, bias_bits=bias_bits,
                     exclude=tuple(exclude), bit_overrides=tuple((bit_overrides or {}).items()),
-                    min_numel=min_numel)
+                    min_numel=min_numel, prune=prune)
     out_path = Path(out_path)
     check_output_path(out_path, force)
     if isinstance(source, (str, os.PathLike)):
@@ -154,7 +157,8 @@ def pack(
 def _options(policy: Policy) -> dict[str, Any]:
     return {"bits": policy.bits, "method": policy.method, "granularity": policy.granularity,
             "bias_bits": policy.bias_bits, "exclude": list(policy.exclude),
-            "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel}
+            "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel,
+            "prune": policy.prune}
 
 
 def _sha256(path: Path) -> str:

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep tensors whose names match GLOB lossless (repeatable)")
     p.add_argument("--min-numel", type=int, default=64, metavar="N",
                    help="float tensors with fewer elements stay lossless (default 64)")
+    p.add_argument("--prune", type=float, metavar="FRACTION",
+                   help="zero this fraction of the smallest weights of each quantized tensor")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="store a metadata entry in the file (repeatable)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -206,7 +208,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".qpk")
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
-                      min_numel=args.min_numel, force=args.force, metadata=_parse_meta(args.meta),
+                      min_numel=args.min_numel, prune=args.prune, force=args.force, metadata=_parse_meta(args.meta),
                       trust_pickle=args.trust_pickle, progress=_progress_bar(args, "packing"))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

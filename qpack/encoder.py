@@ -21,6 +21,7 @@ from .bitpack import pack_bits, packed_size
 from .dtypes import itemsize, name_of_dtype
 from .format import TensorEntry, expected_raw_length, parameter_rows
 from .policy import Decision
+from .prune import prune_smallest
 
 __all__ = ["TensorReport", "encode_tensor", "BLOCK_ELEMENTS", "UNIQUE_LIMIT"]
 
@@ -98,16 +99,20 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
 
     codec = codecs.QUANTIZERS[decision.encoding]
     bits, group_size = decision.bits, decision.group_size
+    original = tensor
+    if decision.prune:
+        tensor, pruned = prune_smallest(tensor, decision.prune)
+        row.reason += f", {pruned:,} smallest pruned to 0"
     rows = parameter_rows(shape, decision.granularity, group_size)
     row_length = group_size or None
-    params = codec.choose_params(tensor, bits, rows, row_length)
-    indices, counts, signal, noise = _quantize_blocks(codec, tensor, params, bits, rows, row_length)
+    params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=bool(decision.prune))
+    indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length)
     width, compression, stored = _store_indices(indices, bits)
     entry = TensorEntry(name, dtype, shape, decision.encoding, bits, decision.granularity,
                         _params_to_header(params), compression=compression,
                         raw_length=expected_raw_length(dtype, shape, decision.encoding, width),
                         width=width, group_size=group_size)
-    row.unique_before = count_distinct(tensor) if tensor.numel() <= UNIQUE_LIMIT else None
+    row.unique_before = count_distinct(original) if original.numel() <= UNIQUE_LIMIT else None
     row.unique_after = int(np.count_nonzero(counts))
     # rounded so that summation order (BLAS, thread count) cannot change the file's bytes
     row.rel_rms = float(f"{math.sqrt(noise / signal):.4g}") if signal > 0 else (0.0 if noise == 0 else math.inf)
@@ -177,10 +182,14 @@ def _blocks(numel: int, rows: int, row_length: int | None) -> list[tuple[int, in
             for r in range(0, rows, per_block)]
 
 
-def _quantize_blocks(codec: Any, tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
-                     rows: int, row_length: int | None) -> tuple[torch.Tensor, np.ndarray, float, float]:
-    """All indices (in their narrowest type), how often each is used, and the error sums."""
-    flat = tensor.reshape(-1)
+def _quantize_blocks(codec: Any, tensor: torch.Tensor, original: torch.Tensor, params: dict[str, torch.Tensor],
+                     bits: int, rows: int, row_length: int | None) -> tuple[torch.Tensor, np.ndarray, float, float]:
+    """All indices (in their narrowest type), how often each is used, and the error sums.
+
+    ``tensor`` is what gets quantized (pruned or not); the error is measured against
+    ``original``, so pruning shows in the reported SNR.
+    """
+    flat, reference = tensor.reshape(-1), original.reshape(-1)
     numel = flat.numel()
     indices = torch.empty(numel, dtype=torch.uint8 if bits <= 8 else torch.int32)
     counts = np.zeros(1 << bits, dtype=np.int64)
@@ -190,8 +199,9 @@ def _quantize_blocks(codec: Any, tensor: torch.Tensor, params: dict[str, torch.T
         values = flat[start:end].to(torch.float32)
         idx = codec.quantize(values, block_params, bits, row_length)
         rebuilt = codec.dequantize(idx, block_params, bits, (end - start,), tensor.dtype, row_length)
-        error = rebuilt.to(torch.float32).sub_(values)  # exact: both sides are float32 values
-        signal += float(torch.dot(values, values))
+        target = reference[start:end].to(torch.float32)
+        error = rebuilt.to(torch.float32).sub_(target)  # exact: both sides are float32 values
+        signal += float(torch.dot(target, target))
         noise += float(torch.dot(error, error))
         counts += np.bincount(idx.numpy(), minlength=1 << bits)
         indices[start:end] = idx

@@ -9,6 +9,7 @@ import torch
 
 from .dtypes import is_float_name, name_of_dtype
 from .errors import InputError
+from .prune import check_fraction
 
 __all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "parse_granularity"]
 
@@ -27,6 +28,7 @@ class Decision:
     granularity: str
     reason: str
     group_size: int = 0
+    prune: float | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Policy:
             also quantizes 1-D or small float tensors it matches.
         min_numel: float tensors with fewer elements stay raw (their parameters would cost
             more than they save).
+        prune: zero this fraction of smallest-magnitude weights in each quantized tensor
+            (zero is then an exact level of its grid or codebook).
     """
 
     bits: int = 8
@@ -55,8 +59,11 @@ class Policy:
     exclude: tuple[str, ...] = ()
     bit_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     min_numel: int = 64
+    prune: float | None = None
 
     def __post_init__(self) -> None:
+        if self.prune is not None:
+            check_fraction(self.prune, "prune")
         _check_bits("bits", self.bits)
         if self.bias_bits is not None:
             _check_bits("bias_bits", self.bias_bits)
@@ -84,11 +91,11 @@ class Policy:
             kind, group_size = "tensor", 0
         for pattern, bits in self.bit_overrides:
             if fnmatch.fnmatchcase(name, pattern):
-                return Decision(self.method, bits, kind, f"--bits {pattern}={bits}", group_size)
+                return Decision(self.method, bits, kind, f"--bits {pattern}={bits}", group_size, self.prune)
         if tensor.dim() >= 2:
             if tensor.numel() < self.min_numel:
                 return Decision("raw", 0, "tensor", f"small (< {self.min_numel} elements)")
-            return Decision(self.method, self.bits, kind, "weight", group_size)
+            return Decision(self.method, self.bits, kind, "weight", group_size, self.prune)
         if self.bias_bits is not None:
             return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)")
         return Decision("raw", 0, "tensor", "1-D (bias or norm)")

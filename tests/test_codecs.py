@@ -174,3 +174,30 @@ def test_odd_widths_may_use_a_byte_friendly_container(tmp_path, bits, container)
     sizes = {width: len(compress(memoryview(_pack(indices, width)))[1]) for width in (bits, container)}
     assert entry.length == min(sizes.values())
     assert torch.unique(restored).numel() <= 1 << bits
+
+
+@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group:64"])
+def test_pruned_weights_stay_exactly_zero(tmp_path, method, bits, granularity):
+    w = laplace((48, 40), seed=bits) + 0.01  # skewed, so the range is not symmetric around 0
+    report, entry, _, restored = pack_one(tmp_path, w, bits=bits, method=method,
+                                          granularity=granularity, prune=0.75)
+    pruned = w.abs() <= w.abs().reshape(-1).kthvalue(int(0.75 * w.numel())).values
+    assert int(pruned.sum()) == int(0.75 * w.numel())
+    assert bool((restored[pruned] == 0).all())  # exactly zero, not merely small
+    assert "pruned" in report.tensors[0].reason
+    assert torch.unique(restored).numel() <= (1 << bits) * entry.channels
+
+
+def test_pruning_makes_files_smaller(tmp_path):
+    w = laplace((300, 200), seed=5)
+    dense, _, _, _ = pack_one(tmp_path, w, bits=4, method="kmeans")
+    sparse, _, _, _ = pack_one(tmp_path, w, bits=4, method="kmeans", prune=0.9)
+    assert sparse.file_bytes < 0.5 * dense.file_bytes
+
+
+def test_prune_fraction_is_validated(tmp_path):
+    for bad in [-0.1, 1.0, 2, "half"]:
+        with pytest.raises(qpack.InputError):
+            qpack.pack({"w": torch.randn(16, 16)}, tmp_path / "p.qpk", prune=bad, force=True)

@@ -14,23 +14,35 @@ __all__ = ["choose_params", "quantize", "dequantize"]
 
 
 def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
-                  row_length: int | None = None) -> dict[str, torch.Tensor]:
+                  row_length: int | None = None, keep_zero: bool = False) -> dict[str, torch.Tensor]:
     """Fit one sorted codebook of at most ``2**bits`` centroids per row.
 
     Rows whose codebooks come out shorter than the longest are padded by repeating their
     last centroid, so the stored codebook is a ``(rows, K)`` float32 matrix. (The padded
-    last group repeats its last value, which does not change its codebook.)
+    last group repeats its last value, which does not change its codebook.) With
+    ``keep_zero`` (pruned weights), each row's codebook is an exact 0 plus at most
+    ``2**bits - 1`` centroids fitted to the row's nonzero values.
 
     Returns:
         ``{"codebook": Tensor[rows, K]}`` in float32.
     """
-    from .. import kmeans1d  # scikit-free, but only needed when packing
-
     view = as_rows(tensor.detach().to("cpu"), rows, row_length).to(torch.float32).numpy()
-    books = [kmeans1d.fit_codebook(row, 1 << bits) for row in view]
+    books = [_fit_row(row, bits, keep_zero) for row in view]
     width = max(len(book) for book in books)
     padded = np.stack([np.pad(book, (0, width - len(book)), mode="edge") for book in books])
     return {"codebook": torch.from_numpy(padded.astype(np.float32))}
+
+
+def _fit_row(row: np.ndarray, bits: int, keep_zero: bool) -> np.ndarray:
+    from .. import kmeans1d  # numpy only, but needed only when packing
+
+    if not keep_zero:
+        return kmeans1d.fit_codebook(row, 1 << bits)
+    nonzero = row[row != 0]
+    if nonzero.size == 0:
+        return np.zeros(1, dtype=np.float32)
+    book = kmeans1d.fit_codebook(nonzero, (1 << bits) - 1)
+    return np.unique(np.concatenate([book, np.zeros(1, dtype=np.float32)]))
 
 
 def quantize(values: torch.Tensor, params: dict[str, torch.Tensor], bits: int,

@@ -11,6 +11,7 @@ The encoder picks ``idx = clamp(round((w - min) / step), 0, 2^b - 1)``; a consta
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .rows import as_rows, from_rows
@@ -29,7 +30,7 @@ def step_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
-                  row_length: int | None = None) -> dict[str, torch.Tensor]:
+                  row_length: int | None = None, keep_zero: bool = False) -> dict[str, torch.Tensor]:
     """Per-row float32 min and max of ``tensor`` (flattened in C order).
 
     Args:
@@ -38,12 +39,76 @@ def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
         rows: number of parameter sets: 1 per tensor, ``shape[0]`` per channel, or the number
             of groups.
         row_length: elements per row when rows are groups (the last may be shorter).
+        keep_zero: widen each row's range a little so that 0 is exactly one of its levels
+            (pruned weights stay exactly zero).
 
     Returns:
         ``{"min": Tensor[rows], "max": Tensor[rows]}`` in float32.
     """
     view = as_rows(tensor, rows, row_length)  # min and max are exact in any dtype: no float32 copy
-    return {"min": view.amin(dim=1).to(torch.float32), "max": view.amax(dim=1).to(torch.float32)}
+    lo, hi = view.amin(dim=1).to(torch.float32), view.amax(dim=1).to(torch.float32)
+    if keep_zero:
+        lo, hi = _range_with_exact_zero(lo.numpy(), hi.numpy(), bits)
+    return {"min": lo, "max": hi}
+
+
+def _range_with_exact_zero(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, a (min, max) covering [lo, hi] whose grid (spec 3.2) holds an exact 0.
+
+    With step s and zero index z, min = -fl32(s * z) makes level z exactly
+    fl32(min + fl32(s * z)) = 0. s is chosen as fl32(D / L) for a float32 span D, and max is
+    searched among the float32 values near min + D for one whose computed step is exactly s.
+    (Rows where none exists move to the nearest reachable step; a row that still misses after
+    a few rounds keeps its zero within a hair of 0, which the tests would catch.)
+    """
+    levels = np.float32((1 << bits) - 1)
+    lo = np.minimum(lo, 0).astype(np.float32)
+    hi = np.maximum(hi, 0).astype(np.float32)
+    span = (hi.astype(np.float64) - lo.astype(np.float64))
+    safe_span = np.where(span > 0, span, 1.0)
+    zero_at = np.clip(np.rint(-lo.astype(np.float64) / safe_span * float(levels)), 0, float(levels))
+    below = np.where(zero_at > 0, -lo.astype(np.float64) / np.maximum(zero_at, 1), 0.0)
+    above = np.where(zero_at < levels, hi.astype(np.float64) / np.maximum(float(levels) - zero_at, 1), 0.0)
+    span32 = np.nextafter((np.maximum(below, above) * float(levels)).astype(np.float32),
+                          np.float32(np.inf), dtype=np.float32)
+    step = (span32 / levels).astype(np.float32)
+    step[span == 0] = 0
+    zero_at = zero_at.astype(np.float32)
+    for _ in range(8):
+        # min puts level z exactly at 0; max must make the spec's step exactly `step`. Not
+        # every step is reachable from a given min, so a row that misses takes the nearest
+        # reachable step and tries again with its own min.
+        new_lo = -(step * zero_at).astype(np.float32)
+        new_hi, found, nearest = _max_for_step(new_lo, step, levels)
+        if found.all():
+            break
+        step = np.where(found, step, nearest)
+    return torch.from_numpy(new_lo), torch.from_numpy(np.maximum(new_hi, new_lo))
+
+
+def _max_for_step(lo: np.ndarray, step: np.ndarray, levels: np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, a max whose spec step fl32(fl32(max - lo) / L) is exactly ``step``.
+
+    Walks float32 values outward from lo + step * L. Returns (max, found, the reachable step
+    nearest to ``step`` for rows not found).
+    """
+    target = (lo + (step * levels).astype(np.float32)).astype(np.float32)
+    best, found = target.copy(), np.zeros(lo.shape, dtype=bool)
+    nearest = np.full(lo.shape, np.inf, dtype=np.float32)
+    up, down = target.copy(), target.copy()
+    for _ in range(32):
+        for candidate in (up, down):
+            got = ((candidate - lo).astype(np.float32) / levels).astype(np.float32)
+            hit = ~found & (got == step)
+            best[hit] = candidate[hit]
+            found |= hit
+            closer = ~found & (np.abs(got - step) < np.abs(nearest - step))
+            nearest[closer] = got[closer]
+        if found.all():
+            break
+        up = np.nextafter(up, np.float32(np.inf), dtype=np.float32)
+        down = np.nextafter(down, np.float32(-np.inf), dtype=np.float32)
+    return best, found, np.where(np.isfinite(nearest), nearest, step)
 
 
 def quantize(values: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
