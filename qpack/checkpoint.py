@@ -20,10 +20,12 @@ import torch
 
 from .dtypes import name_of_dtype
 from .errors import InputError
-from .format import MAGIC
+from .format import DEFAULT_LIMITS, MAGIC, metadata_problem
 
 __all__ = ["Checkpoint", "from_mapping", "read_checkpoint"]
 
+#: scalars kept as metadata at most; the rest of the format's metadata entries stay free
+MAX_SCALARS = DEFAULT_LIMITS.max_metadata_entries // 2
 #: keys under which training scripts nest the model's state dict, in order of preference
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 
@@ -163,17 +165,37 @@ def _holds_tensors(obj: Mapping) -> bool:
     return any(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _flatten(obj: Mapping, prefix: str, tensors: dict, scalars: dict, skipped: list) -> None:
+#: nesting deeper than this inside a state dict is left out (and never recursed into)
+MAX_DEPTH = 64
+
+
+def _flatten(obj: Mapping, prefix: str, tensors: dict, scalars: dict, skipped: list, depth: int = 0) -> None:
     for key, value in obj.items():
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
+            if name in tensors:
+                raise InputError(f"two tensors are both named {name!r} once nested names are joined with dots")
             tensors[name] = value
         elif isinstance(value, Mapping):
-            _flatten(value, f"{name}.", tensors, scalars, skipped)
+            if depth >= MAX_DEPTH:
+                skipped.append(f"{name} (nested more than {MAX_DEPTH} levels)")
+            else:
+                _flatten(value, f"{name}.", tensors, scalars, skipped, depth + 1)
         elif isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
-            scalars[f"state.{name}"] = json.dumps(value)
+            _keep_scalar(name, value, scalars, skipped)
         else:
             skipped.append(f"{name} ({type(value).__name__})")
+
+
+def _keep_scalar(name: str, value: float | str, scalars: dict, skipped: list) -> None:
+    """Keep a scalar as metadata ``state.NAME`` when it fits the format's limits (spec 1.2)."""
+    key, text = f"state.{name}", json.dumps(value)
+    if len(scalars) >= MAX_SCALARS:
+        skipped.append(f"{name} (more than {MAX_SCALARS} scalars)")
+    elif metadata_problem(key, text) is not None:
+        skipped.append(f"{name} ({type(value).__name__} too long for metadata)")
+    else:
+        scalars[key] = text
 
 
 def _check_tensor(name: str, tensor: torch.Tensor) -> None:

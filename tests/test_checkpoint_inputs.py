@@ -173,3 +173,28 @@ def test_module_nested_in_a_checkpoint_needs_trust_pickle_too(tmp_path):
         qpack.pack(tmp_path / "ckpt.pt", tmp_path / "ckpt.qpk")
     report, back = pack_raw(tmp_path / "ckpt.pt", tmp_path / "ckpt.qpk", trust_pickle=True)
     assert set(back) == {"weight", "bias"} and "epoch" in " ".join(report.notes)
+
+
+def test_scalars_beyond_the_metadata_limits_are_left_out_with_a_note(tmp_path):
+    from qpack.checkpoint import MAX_DEPTH, MAX_SCALARS
+
+    state: dict = {"w": torch.ones(8, 8), "long": "x" * 70_000, "config": {"lr": 0.1}}
+    state.update({f"s{i}": i for i in range(MAX_SCALARS + 5)})
+    nested = state
+    for _ in range(MAX_DEPTH + 10):  # deeper than any real checkpoint, and than the recursion limit
+        nested["n"] = {}
+        nested = nested["n"]
+    nested["hidden"] = torch.ones(2)
+    report = qpack.pack(state, tmp_path / "s.qpk")
+    notes = " ".join(report.notes)
+    assert "long (str too long for metadata)" in notes and "more than" in notes
+    meta = qpack.info(tmp_path / "s.qpk").metadata
+    assert meta["state.config.lr"] == "0.1" and "state.long" not in meta
+    assert sum(key.startswith("state.") for key in meta) == MAX_SCALARS
+    assert list(qpack.load(tmp_path / "s.qpk")) == ["w"]
+
+
+def test_names_that_collide_once_flattened_are_refused(tmp_path):
+    with pytest.raises(InputError, match="'a.b'"):
+        qpack.pack({"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}, tmp_path / "c.qpk")
+    assert not (tmp_path / "c.qpk").exists()
