@@ -9,7 +9,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from .dtypes import itemsize
 from .encoder import TensorReport, encode_tensor
 from .errors import InputError
 from .format import MAGIC, TensorEntry
+from .parallel import default_workers, ordered_map
 from .policy import Policy
 from .reader import QpkReader, decode_payload
 from .sources import open_source
@@ -90,6 +90,7 @@ def pack(
     metadata: Mapping[str, str] | None = None,
     trust_pickle: bool = False,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> PackReport:
     """Quantize a state dict and write it as a .qpk file.
 
@@ -109,6 +110,8 @@ def pack(
         metadata: extra string-to-string entries stored in the file.
         trust_pickle: allow checkpoints holding arbitrary pickled objects (runs their code).
         progress: called after each tensor with (name, done, total).
+        threads: tensors encoded side by side (default: up to 4, one per core); each holds
+            its tensor's temporaries, so memory grows with it.
 
     Returns:
         A PackReport with one row per tensor and the totals.
@@ -140,8 +143,14 @@ def pack(
     rows: list[TensorReport] = []
     with QpkWriter(out_path, overwrite=force, metadata=meta) as writer:
         total = len(checkpoint.tensors)
-        for done, (name, tensor) in enumerate(checkpoint.tensors.items(), 1):
-            entry, payload, row = encode_tensor(name, tensor, policy.decide(name, tensor))
+
+        def encode(item: tuple[str, torch.Tensor]) -> tuple[Any, Any, TensorReport]:
+            name, tensor = item
+            return encode_tensor(name, tensor, policy.decide(name, tensor))
+
+        encoded = ordered_map(encode, checkpoint.tensors.items(), min(threads or default_workers(4), total))
+        for done, (entry, payload, row) in enumerate(encoded, 1):
+            name = entry.name
             writer.add(entry, payload)
             row.stored_bytes = entry.length
             rows.append(row)
@@ -194,11 +203,9 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
     device = torch.device(device)
     with QpkReader(path) as reader:
         names = reader.keys()
-        workers = threads or min(8, os.cpu_count() or 1)
-        if workers <= 1 or len(names) <= 1:
-            return _collect(names, (reader.tensor(name, device) for name in names), progress)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return _collect(names, pool.map(lambda n: reader.tensor(n, device), names), progress)
+        decoded = ordered_map(lambda n: reader.tensor(n, device), names,
+                              min(threads or default_workers(), len(names)))
+        return _collect(names, decoded, progress)
 
 
 def _collect(names: list[str], tensors: Iterable[torch.Tensor], progress: Progress | None) -> dict[str, torch.Tensor]:

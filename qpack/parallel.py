@@ -1,0 +1,59 @@
+"""Running per-tensor work on a few threads, in order, without oversubscribing the CPU.
+
+zstd, numpy and torch release the GIL, so tensors can be encoded or decoded side by side.
+Each tensor's torch operations then run single-threaded: several threads each asking
+torch for all cores would fight over them (measured 4-7x slower on a busy 2-core machine).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+
+__all__ = ["default_workers", "torch_threads", "ordered_map"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers(limit: int = 8) -> int:
+    """Worker threads to use: one per core, at most ``limit``."""
+    return max(1, min(limit, os.cpu_count() or 1))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count set to ``count`` (restored after)."""
+    previous = torch.get_num_threads()
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != previous:
+            torch.set_num_threads(previous)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``workers`` threads, results in order, at most ``workers`` in flight.
+
+    Items are taken from ``items`` only as results are consumed, so a lazy source (a
+    memory-mapped checkpoint, shards) never has more than a few tensors loaded at once.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
