@@ -41,13 +41,16 @@ def _f32(values: Any) -> bytes:
 
 
 def _entry(name: str, tensor: torch.Tensor, encoding: str = "raw", bits: int = 0,
-           granularity: str = "tensor", params: dict | None = None) -> TensorEntry:
+           granularity: str = "tensor", params: dict | None = None, width: int = 0,
+           group_size: int = 0) -> TensorEntry:
     from qpack.dtypes import name_of_dtype
 
     dtype = name_of_dtype(tensor.dtype)
     shape = tuple(tensor.shape)
+    width = width or bits
     return TensorEntry(name, dtype, shape, encoding, bits, granularity, params or {},
-                       raw_length=expected_raw_length(dtype, shape, encoding, bits))
+                       raw_length=expected_raw_length(dtype, shape, encoding, width),
+                       width=width, group_size=group_size)
 
 
 def sample_tensors() -> list[tuple[TensorEntry, bytes, torch.Tensor]]:
@@ -105,6 +108,20 @@ def sample_tensors() -> list[tuple[TensorEntry, bytes, torch.Tensor]]:
                    {"codebook": _f32(books), "codebook_size": 4})
     values = np.stack([books[c][idx[c].numpy()] for c in range(2)])
     out.append((entry, pack_bits(idx, 4).numpy().tobytes(), torch.from_numpy(values).bfloat16()))
+    # uniform, 3 bits stored in 4-bit containers (width > bits)
+    idx = torch.randint(0, 8, (6, 5), generator=gen)
+    step = np.float32(np.float32(1.0) / np.float32(7))
+    entry = _entry("uniform.wide", torch.zeros(6, 5), "uniform", 3, width=4,
+                   params={"min": _f32([0.0]), "max": _f32([1.0])})
+    values = (step * idx.numpy().astype(np.float32)).astype(np.float32)
+    out.append((entry, pack_bits(idx, 4).numpy().tobytes(), torch.from_numpy(values)))
+    # kmeans in groups of 16 elements: 40 elements, so 3 groups, the last one short
+    books = np.float32([[0, 1], [10, 11], [-5, -6]])
+    idx = torch.randint(0, 2, (40,), generator=gen)
+    entry = _entry("kmeans.group", torch.zeros(5, 8), "kmeans", 1, "group",
+                   {"codebook": _f32(books), "codebook_size": 2}, group_size=16)
+    values = books[np.arange(40) // 16, idx.numpy()].reshape(5, 8)
+    out.append((entry, pack_bits(idx, 1).numpy().tobytes(), torch.from_numpy(values)))
     return out
 
 
@@ -375,7 +392,7 @@ def test_r11_shape_bounded_without_overflow(tmp_path, sample_bytes, shape):
 
 def test_r12_encoding_bits_granularity(tmp_path, sample_bytes):
     doc, _ = split(sample_bytes)
-    uniform = index_of(doc, "uniform.b3")
+    uniform, group = index_of(doc, "uniform.b3"), index_of(doc, "kmeans.group")
     cases = [
         (0, lambda e: e.__setitem__("encoding", "gptq")),
         (0, lambda e: e.__setitem__("granularity", "group")),
@@ -387,6 +404,14 @@ def test_r12_encoding_bits_granularity(tmp_path, sample_bytes):
         (uniform, lambda e: e.__setitem__("dtype", "int32")),
         (uniform, lambda e: e.__setitem__("shape", [0, 7])),
         (uniform, lambda e: (e.__setitem__("shape", []), e.__setitem__("granularity", "channel"))),
+        (0, lambda e: e.__setitem__("width", 8)),  # raw with a container width
+        (0, lambda e: e.__setitem__("group_size", 16)),  # raw in groups
+        (uniform, lambda e: e.__setitem__("width", 2)),  # narrower than bits
+        (uniform, lambda e: e.__setitem__("width", 17)),
+        (uniform, lambda e: e.__setitem__("group_size", 16)),  # group_size without "group"
+        (group, lambda e: e.__setitem__("group_size", 8)),
+        (group, lambda e: e.__setitem__("group_size", 65537)),
+        (group, lambda e: e.__setitem__("group_size", 0)),
     ]
     for index, edit in cases:
         rejects(tmp_path, edited(sample_bytes, edit, index), "R12")
@@ -419,6 +444,7 @@ def test_r13_params(tmp_path, sample_bytes):
         params(uniform, min=_f32([3.0]), max=_f32([2.0])),
         params(uniform, min=_f32([-3e38]), max=_f32([3e38])),  # max - min overflows float32
         params(channel, min=_f32([0, 0])),  # 3 channels need 3 values
+        params(index_of(doc, "kmeans.group"), codebook=_f32([0, 1, 2, 3])),  # 3 groups need 3 rows
         params(kmeans, codebook_size=5),  # 2 bits: at most 4
         params(kmeans, codebook_size=0),
         params(kmeans, codebook_size=-1),
@@ -557,6 +583,11 @@ def test_r20_decoded_payloads_are_valid(tmp_path, sample_bytes):
     changed[index] = b"\x03" + payloads[index][1:]
     exc = rejects(tmp_path, rebuild(json_copy(doc), changed), "R20", on_read=True)
     assert "codebook" in str(exc)
+    # uniform.wide: 3-bit indices in 4-bit containers, so 8 does not fit 3 bits
+    index = index_of(doc, "uniform.wide")
+    changed = list(payloads)
+    changed[index] = bytes([payloads[index][0] | 0x08]) + payloads[index][1:]
+    rejects(tmp_path, rebuild(json_copy(doc), changed), "R20", on_read=True)
     # bool bytes are 0 or 1
     index = index_of(doc, "raw.bool")
     changed = list(payloads)
