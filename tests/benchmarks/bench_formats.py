@@ -97,6 +97,10 @@ FORMATS = [
            {"bits": 4, "method": "uniform", "granularity": "channel"}),
     Format("qpack-k4", "qpack kmeans 4b", "qpack", ".qpk", {"bits": 4, "method": "kmeans"}),
     Format("qpack-k3", "qpack kmeans 3b", "qpack", ".qpk", {"bits": 3, "method": "kmeans"}),
+    Format("qpack-u4-g64", "qpack uniform 4b/g64", "qpack", ".qpk",
+           {"bits": 4, "method": "uniform", "granularity": "group:64"}),
+    Format("qpack-u3-g64", "qpack uniform 3b/g64", "qpack", ".qpk",
+           {"bits": 3, "method": "uniform", "granularity": "group:64"}),
 ]
 FORMATS_BY_KEY = {f.key: f for f in FORMATS}
 _MODULE_OF_FAMILY = {"torch": "torch", "safetensors": "safetensors", "gguf": "gguf", "qpack": "qpack"}
