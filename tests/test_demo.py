@@ -12,13 +12,24 @@ import torch
 
 import qpack
 from qpack.demo.mnist import DemoData, load_demo_data
-from qpack.demo.net import SEED_PARAMETER_COUNT, SeedNet
-from qpack.demo.run import DemoConfig, format_table, run_demo, write_plots
-from qpack.demo.train import (
-    TrainConfig,
-    codebooks_from_state_dict,
-    train_centroids,
+from qpack.demo.net import (
+    LENET5_PARAMETER_COUNT,
+    LENET300_PARAMETER_COUNT,
+    MODELS,
+    SEED_PARAMETER_COUNT,
+    LeNet5,
+    LeNet300,
+    SeedNet,
 )
+from qpack.demo.run import (
+    DEEP_COMPRESSION,
+    DemoConfig,
+    TrainedSetting,
+    format_table,
+    run_demo,
+    write_plots,
+)
+from qpack.demo.train import ShuffledBatches, TrainConfig, _batches, train
 from qpack.errors import InputError
 
 REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
@@ -50,39 +61,47 @@ def test_seed_net_parameters_and_keys() -> None:
     assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
-def test_train_centroids_keeps_assignments_and_sums_gradients() -> None:
-    torch.manual_seed(0)
-    net = SeedNet()
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    levels = torch.tensor([-0.02, -0.01, 0.0, 0.01, 0.02])
-    for name, _ in net.named_parameters():
-        state[name] = levels[torch.randint(0, 5, state[name].shape)]
-    net.load_state_dict(state)
-    books = codebooks_from_state_dict(net, state, 8)
-    assert len(books) == len(list(net.parameters()))
-    before = {k: b.index.clone() for k, b in books.items()}
-    x, y = torch.rand(40, 1, 28, 28), torch.arange(40) % 10
-    train_centroids(net, books, x, y, epochs=1, seed=0, config=TrainConfig(batch_size=20))
-    for name, p in net.named_parameters():
-        book = books[name]
-        assert torch.equal(book.index, before[name])  # assignments fixed
-        assert torch.equal(p.detach().flatten(), book.centroids[book.index])  # weights are the centroids
-        assert not torch.equal(book.centroids, levels[: len(book.centroids)])  # and they moved
-        assert p.detach().unique().numel() <= 5
+def test_lenets_match_deep_compression() -> None:
+    lenet300, lenet5 = LeNet300(), LeNet5()
+    assert sum(p.numel() for p in lenet300.parameters()) == LENET300_PARAMETER_COUNT == 266_610
+    assert sum(p.numel() for p in lenet5.parameters()) == LENET5_PARAMETER_COUNT == 431_080
+    assert [tuple(p.shape) for p in lenet300.parameters()] == [(300, 784), (300,), (100, 300), (100,), (10, 100), (10,)]
+    assert [tuple(p.shape) for p in lenet5.parameters()] == [
+        (20, 1, 5, 5), (20,), (50, 20, 5, 5), (50,), (500, 800), (500,), (10, 500), (10,)
+    ]
+    for net in (lenet300, lenet5):
+        assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert set(MODELS) == set(DEEP_COMPRESSION) == {"seed", "lenet300", "lenet5"}
 
-    # one SGD step on the centroids equals the members' summed gradient
-    net.load_state_dict(state)
-    books = codebooks_from_state_dict(net, state, 8)
-    reference = SeedNet()
-    reference.load_state_dict(state)
-    reference.train()
-    torch.nn.functional.cross_entropy(reference(x[:20]), y[:20]).backward()
-    name = "fc2.weight"
-    expected = torch.zeros(5).index_add_(0, books[name].index, reference.fc2.weight.grad.flatten())
-    net.train()
-    torch.nn.functional.cross_entropy(net(x[:20]), y[:20]).backward()
-    got = torch.zeros(5).index_add_(0, books[name].index, net.fc2.weight.grad.flatten())
-    torch.testing.assert_close(got, expected)
+
+def test_shuffled_batches_follow_the_training_order() -> None:
+    x, y = torch.arange(250).float()[:, None], torch.arange(250)
+    loader = ShuffledBatches(x, y, 100, seed=5)
+    assert len(loader) == 3
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(2):  # a new order on each pass, the one train() would use
+        expected = _batches(250, 100, generator, x.device)
+        got = list(loader)
+        assert [len(b[1]) for b in got] == [100, 100, 50]
+        assert all(torch.equal(yb, idx) and torch.equal(xb[:, 0], idx.float()) for (xb, yb), idx in zip(got, expected))
+    assert sorted(torch.cat([b[1] for b in loader]).tolist()) == list(range(250))
+
+
+def test_trained_setting_names() -> None:
+    setting = TrainedSetting(3, (("fc1.*", 0.95), ("fc2.*", 0.85)), (("fc3.*", 5),))
+    assert setting.label() == "k-means w3 (fc3 w5)"
+    assert setting.prune_text() == "fc1 95%, fc2 85%"
+    assert setting.filename() == "pruned-kmeans-w3-mixed-trained.qpk"
+    assert TrainedSetting(4).filename() == "kmeans-w4-trained.qpk"
+
+
+def test_train_with_the_seed_recipe_learns() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(200, 1, 28, 28)
+    y = (x[:, 0, :14].mean((1, 2)) > x[:, 0, 14:].mean((1, 2))).long()
+    net = LeNet300()
+    stats = train(net, x, y, epochs=3, seed=0, config=TrainConfig(batch_size=50, l1=0.0))
+    assert stats[-1].loss < stats[0].loss
 
 
 # --- a small run on real MNIST ------------------------------------------------------------
@@ -94,11 +113,18 @@ def _small_mnist() -> DemoData:
     return load_demo_data(REAL_MNIST).subset(600, 400)
 
 
-SMALL = DemoConfig(epochs=5, retrain_epochs=1, bits=(1, 3))
+SMALL = DemoConfig(
+    models=("seed", "lenet300", "lenet5"),
+    epochs=4,
+    retrain_epochs=1,
+    bits=(1, 3),
+    deep_compression={model: settings[:1] for model, settings in DEEP_COMPRESSION.items()},
+)
+SmallRun = tuple[DemoData, Path, dict[str, Any], list[str]]
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoData, Path, dict[str, Any], list[str]]:
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> SmallRun:
     data = _small_mnist()
     out = tmp_path_factory.mktemp("demo")
     lines: list[str] = []
@@ -111,34 +137,48 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoData, Path,
     return data, out, results, lines
 
 
-def test_small_run_reaches_sane_accuracy(small_run: tuple[DemoData, Path, dict[str, Any], list[str]]) -> None:
+def _rows(results: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    return [r for r in results["rows"] if r["model"] == model]
+
+
+def test_small_run_reaches_sane_accuracy(small_run: SmallRun) -> None:
     _, _, results, _ = small_run
-    fp32 = results["rows"][0]
-    assert fp32["method"] == "fp32" and fp32["file"] == "fp32.pt"
-    assert fp32["accuracy"] > 0.6
+    assert list(results["models"]) == ["seed", "lenet300", "lenet5"]
+    for model in results["models"]:
+        fp32 = _rows(results, model)[0]
+        assert fp32["method"] == "fp32" and fp32["file"] == f"{model}/fp32.pt"
+        assert fp32["accuracy"] > 0.5  # L1 (the seed's recipe) slows the LeNets, which have no BatchNorm
+        assert results["models"][model]["fp32"]["accuracy"] == fp32["accuracy"]
 
 
-def test_every_accuracy_comes_from_its_file(small_run: tuple[DemoData, Path, dict[str, Any], list[str]]) -> None:
+def test_every_accuracy_comes_from_its_file(small_run: SmallRun) -> None:
     data, out, results, _ = small_run
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert {r["variant"] for r in results["rows"]} >= {
+    assert {r["variant"] for r in _rows(results, "seed")} >= {
         "fp32 (torch.save)",
         "uniform w8/b1 (seed)",
         "k-means w3/b3 (seed)",
         "k-means w3/b3 retrained 1 ep",
         "k-means w3/b3 centroids trained 1 ep",
+        "fp32 trained 2 ep more, no L1 (reference)",
         "uniform w1",
         "k-means w3",
     }
+    for model in ("lenet300", "lenet5"):
+        variants = [r["variant"] for r in _rows(results, model)]
+        assert variants[0] == "fp32 (torch.save)"
+        assert variants[-3:] == ["uniform w8 (qpack default)", "k-means w4", "k-means w3"]
+        assert sum(v.startswith("pruned ") for v in variants) == len(SMALL.deep_compression[model]) == 1
     assert len({r["file"] for r in results["rows"]}) == len(results["rows"])
     for row in results["rows"]:
         path = out / row["file"]
+        assert path.parent.name == row["model"]
         if path.suffix == ".pt":
             state = torch.load(path, weights_only=True)
         else:
             assert path.suffix == ".qpk"
             state = qpack.load(path)
-        net = SeedNet()
+        net = MODELS[row["model"]]()
         net.load_state_dict(state)
         net.eval()
         with torch.no_grad():
@@ -146,56 +186,87 @@ def test_every_accuracy_comes_from_its_file(small_run: tuple[DemoData, Path, dic
         accuracy = (predicted == data.eval_y).sum().item() / len(data.eval_y)
         assert row["accuracy"] == accuracy, row["variant"]
         assert row["file_bytes"] == path.stat().st_size
-        assert row["bits_per_weight"] == row["file_bytes"] * 8 / SEED_PARAMETER_COUNT
-        assert 0.0 <= row["accuracy"] <= 1.0
+        parameters = results["models"][row["model"]]["parameters"]
+        assert row["bits_per_weight"] == row["file_bytes"] * 8 / parameters
+        fp32 = _rows(results, row["model"])[0]
+        assert row["ratio"] == fp32["file_bytes"] / row["file_bytes"]
+        assert row["delta_pp"] == pytest.approx(100 * (row["accuracy"] - fp32["accuracy"]))
 
 
-def test_trained_centroids_are_packed_exactly(small_run: tuple[DemoData, Path, dict[str, Any], list[str]]) -> None:
+def test_trained_centroids_are_packed_exactly(small_run: SmallRun) -> None:
     _, out, results, _ = small_run
     row = next(r for r in results["rows"] if r["training"] == "trained-centroids")
-    assert row["exact_repack"] is True and row["centroid_tensors"] == 16
+    assert row["model"] == "seed" and row["exact_repack"] is True and row["centroid_tensors"] == 16
     state = qpack.load(out / row["file"])
     for name, p in SeedNet().named_parameters():
         assert state[name].unique().numel() <= 8, name
 
 
-def test_seed_uniform_setting_quantizes_biases_to_two_values(
-    small_run: tuple[DemoData, Path, dict[str, Any], list[str]],
-) -> None:
+def test_pruned_variants_keep_their_zeros_and_levels(small_run: SmallRun) -> None:
+    _, out, results, _ = small_run
+    rows = [r for r in results["rows"] if r["training"] == "pruned+trained-centroids"]
+    assert {r["model"] for r in rows} == {"seed", "lenet300", "lenet5"}
+    for row in rows:
+        assert row["exact_repack"] is True
+        state = qpack.load(out / row["file"])
+        setting = next(s for s in DEEP_COMPRESSION[row["model"]] if s.filename() == Path(row["file"]).name)
+        assert row["prune"] == dict(setting.prune)
+        for name, p in MODELS[row["model"]]().named_parameters():
+            if p.dim() < 2:
+                continue
+            w = state[name]
+            assert w.unique().numel() <= 2**row["bits"], name
+            share = next(f for pattern, f in setting.prune if pattern.rstrip("*").rstrip(".") == name.split(".")[0])
+            assert (w == 0).sum().item() >= round(share * w.numel()), name
+        assert 0.5 < row["zeros_share"] <= 1 and row["pruned_share"] <= row["zeros_share"]
+
+
+def test_seed_uniform_setting_quantizes_biases_to_two_values(small_run: SmallRun) -> None:
     _, out, results, _ = small_run
     row = next(r for r in results["rows"] if r["variant"] == "uniform w8/b1 (seed)")
     state = qpack.load(out / row["file"])
     assert state["layer1.1.weight"].unique().numel() <= 2
     assert state["fc1.bias"].unique().numel() <= 2
     assert state["fc1.weight"].unique().numel() <= 256
-    raw = torch.load(out / "fp32.pt", weights_only=True)
+    raw = torch.load(out / "seed" / "fp32.pt", weights_only=True)
     assert torch.equal(state["layer1.1.running_var"], raw["layer1.1.running_var"])  # BN statistics stay raw
 
 
-def test_results_record_the_data_and_the_table(small_run: tuple[DemoData, Path, dict[str, Any], list[str]]) -> None:
+def test_results_record_the_data_and_the_table(small_run: SmallRun) -> None:
     _, _, results, lines = small_run
+    assert results["format"] == 2
     assert results["data"]["source"] == "mnist"
     assert results["data"]["train"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 0, "stop": 600, "count": 600}
     assert results["data"]["eval"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 8000, "stop": 8400, "count": 400}
-    assert results["parameters"] == SEED_PARAMETER_COUNT
-    for key in ("method", "bits_per_weight", "file", "file_bytes", "accuracy"):
+    assert results["models"]["seed"]["parameters"] == SEED_PARAMETER_COUNT
+    assert results["models"]["lenet300"]["parameters"] == LENET300_PARAMETER_COUNT
+    assert results["models"]["lenet5"]["parameters"] == LENET5_PARAMETER_COUNT
+    assert results["config"]["models"] == ["seed", "lenet300", "lenet5"]
+    for key in ("model", "method", "bits_per_weight", "file", "file_bytes", "accuracy"):
         assert all(key in row for row in results["rows"])
+    for part in results["models"].values():
+        best = part["best"]
+        if best is not None:
+            assert best["delta_pp"] >= -0.1 - 1e-9 and best["meets_goal"] == (best["ratio"] >= 40)
     table = format_table(results)
     assert any(line.startswith("uniform w8/b1 (seed)") and "8/1" in line for line in table)
+    assert any(line.startswith("LeNet-5 (lenet5): 431,080 parameters") for line in table)
+    assert any(line.startswith("pruned: share of the quantized weights") for line in table)
+    assert any(line.startswith("goal: at least 40x") for line in table)
     assert "[8000:8400]" in lines[0]
     assert any("sweep" in line for line in lines)
 
 
-def test_plots_written_or_skipped(
-    small_run: tuple[DemoData, Path, dict[str, Any], list[str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_plots_written_or_skipped(small_run: SmallRun, monkeypatch: pytest.MonkeyPatch) -> None:
     _, out, results, _ = small_run
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert "plots" not in results or results["plots"] == []
     else:
-        assert results["plots"] == ["accuracy_vs_bits.png", "fc1_histogram.png"]
+        assert results["plots"] == [
+            f"{m}/{name}" for m in ("seed", "lenet300", "lenet5") for name in ("accuracy_vs_bits.png", "fc1_histogram.png")
+        ]
         assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in results["plots"])
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     lines: list[str] = []
@@ -222,15 +293,16 @@ def test_cli_digits_fallback(
     monkeypatch.setenv("QPACK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the demo keeps the autouse fixture's one thread
-    argv = ["--quick", "--bits", "2", "--split-test", "1000", "--no-plots", "--out", str(out)]
+    argv = ["--quick", "--model", "lenet300", "--bits", "2", "--split-test", "1000", "--no-plots", "--out", str(out)]
     assert _main(argv) == 0
     text = capsys.readouterr().out
     assert "scikit-learn's 8x8 handwritten digits" in text
     results = json.loads((out / "results.json").read_text())
+    assert results["config"]["models"] == ["lenet300"] and {r["model"] for r in results["rows"]} == {"lenet300"}
     assert results["data"]["source"] == "sklearn-digits"
     assert results["data"]["train"]["count"] == 1000 and results["data"]["eval"]["count"] == 797
     assert results["config"]["epochs"] == 1 and results["config"]["bits"] == [2]
-    assert results["rows"][0]["accuracy"] > 0.5
+    assert results["rows"][0]["accuracy"] > 0.3
     assert "sklearn.datasets.load_digits[1000:1797]" in text
 
 
@@ -262,6 +334,9 @@ def test_core_cli_registers_demo() -> None:
     configure_parser(parser)
     args = parser.parse_args(["--quick", "--data", "d", "--split-test", "5"])
     assert (args.quick, args.data, args.split_test, args.epochs, args.out) == (True, "d", 5, None, "qpack-demo-out")
+    assert args.model == "seed" and parser.parse_args(["--model", "all"]).model == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "alexnet"])
 
 
 @pytest.mark.parametrize("load, expected", [(0.0, 4), (0.4, 4), (1.2, 3), (3.6, 1), (9.0, 1)])

@@ -43,8 +43,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """
     if parser.description is None:
         parser.description = (
-            "Train the seed CNN on MNIST, pack it into .qpk files with uniform and k-means "
-            "quantization, load every file back and report sizes and accuracies."
+            "Train the seed CNN (or LeNet-300-100, LeNet-5) on MNIST, pack it into .qpk files with "
+            "uniform and k-means quantization, pruning and trained quantization, load every file "
+            "back and report sizes and accuracies."
         )
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="folder with the MNIST IDX files (or MNIST/raw under it)")
@@ -60,17 +61,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="train on the first N test images and evaluate on the rest "
         "(the default, with N = 8000, when the training images are absent)",
     )
+    parser.add_argument(
+        "--model",
+        choices=("seed", "lenet300", "lenet5", "all"),
+        default="seed",
+        help="the network: the seed CNN, LeNet-300-100, LeNet-5, or all three (default seed)",
+    )
     parser.add_argument("--epochs", type=_positive, help="training epochs (default 5; 1 with --quick)")
     parser.add_argument(
         "--retrain-epochs",
         type=_positive,
-        help="epochs of retraining and of centroid training after quantization (default 3; 1 with --quick)",
+        help="epochs of retraining, of retraining after pruning and of centroid training "
+        "(default 3; 1 with --quick)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", help="one epoch, bits 1, 2, 3, 4, 8 only: a fast look")
     parser.add_argument(
-        "--bits", type=_bit_list, metavar="LIST", help="widths of the uniform and k-means sweeps (default 1,...,8)"
+        "--bits", type=_bit_list, metavar="LIST", help="widths of the seed network's uniform and k-means sweeps (default 1,...,8)"
     )
     parser.add_argument("--seed", type=int, default=1337, help="seed for numpy, torch and shuffling (default 1337)")
     parser.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
@@ -128,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
         log(f"torch threads: {threads} ({why}; set OMP_NUM_THREADS to choose)")
 
     data = load_demo_data(args.data, download=args.download, split_test=args.split_test, log=log)
+    models = ("seed", "lenet300", "lenet5") if args.model == "all" else (args.model,)
     overrides = {
+        "models": models,
         "seed": args.seed,
         "device": args.device,
         "plots": not args.no_plots,

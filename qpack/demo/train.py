@@ -1,12 +1,11 @@
-"""Training, evaluation, retraining and trained quantization for the seed network.
+"""Training, evaluation and retraining for the demo's networks, and the batches they use.
 
 The recipe is the seed's: Adam (learning rate 0.001), batches of 100, cross-entropy plus
 an L1 term ``0.001 * sum |w|`` over every parameter. Shuffling uses its own seeded
 generator so a run is reproducible.
 
-Trained quantization follows Han et al., "Deep Compression" (ICLR 2016): every quantized
-tensor is ``centroids[index]``; the assignments ``index`` stay fixed and each centroid is
-trained with the sum of its members' gradients (one ``index_add_`` per tensor).
+Trained quantization (Han et al., "Deep Compression") is :func:`qpack.finetune.finetune`;
+:class:`ShuffledBatches` is the loader the demo gives it.
 """
 
 from __future__ import annotations
@@ -23,15 +22,13 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
-    "Codebook",
     "EpochStats",
+    "ShuffledBatches",
     "TrainConfig",
-    "codebooks_from_state_dict",
     "evaluate",
     "l1_penalty",
     "seed_everything",
     "train",
-    "train_centroids",
 ]
 
 Log = Callable[[str], None]
@@ -64,19 +61,6 @@ class EpochStats:
     seconds: float
 
 
-@dataclass
-class Codebook:
-    """A parameter written as ``centroids[index]``.
-
-    Attributes:
-        centroids: ``(k,)`` float32, trained.
-        index: ``(numel,)`` int64 assignments, fixed.
-    """
-
-    centroids: torch.Tensor
-    index: torch.Tensor
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators.
 
@@ -98,6 +82,51 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.
     return list(order.split(batch_size))
 
 
+class ShuffledBatches:
+    """``(x[idx], y[idx])`` batches in a new seeded order on every pass: a loader for :func:`qpack.finetune.finetune`.
+
+    The order of each pass comes from one generator seeded once, as in :func:`train`, so a
+    run is reproducible and successive epochs differ.
+
+    Args:
+        x: images, on the device to train on.
+        y: labels.
+        batch_size: images per batch (the last may be smaller).
+        seed: seeds the shuffling.
+        label: names the progress bar.
+        progress_bar: show a tqdm bar per pass (when tqdm is installed).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        *,
+        label: str = "batches",
+        progress_bar: bool = False,
+    ) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.label, self.progress_bar = label, progress_bar
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.passes += 1
+        batches = _batches(len(self.y), self.batch_size, self.generator, self.x.device)
+        bar = _bar(len(batches), f"{self.label} {self.passes}", self.progress_bar)
+        for idx in batches:
+            yield self.x[idx], self.y[idx]
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+
+
 def _bar(total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
     if not enabled:
         return None
@@ -116,8 +145,6 @@ def _run_epochs(
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     generator: torch.Generator,
-    after_backward: Callable[[], None] | None,
-    after_step: Callable[[], None] | None,
     label: str,
     log: Log | None,
 ) -> list[EpochStats]:
@@ -136,11 +163,7 @@ def _run_epochs(
             loss = F.cross_entropy(logits, yb) + config.l1 * l1_penalty(params)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if after_backward is not None:
-                after_backward()
             optimizer.step()
-            if after_step is not None:
-                after_step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == yb).sum()
             if bar is not None:
@@ -168,7 +191,7 @@ def train(
     label: str = "train",
     log: Log | None = None,
 ) -> list[EpochStats]:
-    """Train ``model`` in place with the seed's recipe (a fresh Adam).
+    """Train ``model`` in place with the seed's recipe (a fresh Adam and L1).
 
     Used both for the first training and for retraining after quantization (load the
     quantized weights first; the result is again full precision).
@@ -188,7 +211,7 @@ def train(
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    return _run_epochs(model, x, y, epochs, optimizer, config, generator, None, None, label, log)
+    return _run_epochs(model, x, y, epochs, optimizer, config, generator, label, log)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2000) -> float:
@@ -209,96 +232,3 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             correct += (model(xb).argmax(1) == yb).sum()
     return correct.item() / len(y)
-
-
-def codebooks_from_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], max_levels: int
-) -> dict[str, Codebook]:
-    """Find the parameters of ``state_dict`` that hold at most ``max_levels`` distinct values.
-
-    For a state dict loaded from a k-means ``.qpk`` file these are the quantized tensors;
-    their distinct values become the centroids and the positions the fixed assignments.
-
-    Args:
-        model: names the parameters (buffers are never clustered).
-        state_dict: the quantized weights.
-        max_levels: ``2 ** bits``.
-
-    Returns:
-        ``{parameter name: Codebook}`` (on the model's device).
-    """
-    books = {}
-    for name, p in model.named_parameters():
-        t = state_dict[name].detach().to(device=p.device, dtype=torch.float32).flatten()
-        values, inverse = torch.unique(t, return_inverse=True)
-        if len(values) <= max_levels:
-            books[name] = Codebook(values.clone(), inverse.long())
-    return books
-
-
-def train_centroids(
-    model: nn.Module,
-    books: dict[str, Codebook],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    epochs: int,
-    seed: int,
-    lr: float | None = None,
-    config: TrainConfig = TrainConfig(),
-    label: str = "train centroids",
-    log: Log | None = None,
-) -> list[EpochStats]:
-    """Trained quantization: fixed assignments, each centroid moved by its members' summed gradient.
-
-    The parameters named in ``books`` are set to ``centroids[index]`` and stay so: after
-    each backward pass the gradient of every member is summed into its centroid
-    (``index_add_``), Adam updates the centroids and the parameters are rewritten from
-    them. Parameters not in ``books`` train as usual. BatchNorm running statistics update
-    as in ordinary training.
-
-    Args:
-        model: the network, holding the quantized weights, on the same device as ``x``.
-        books: from :func:`codebooks_from_state_dict`; their centroids are updated in place.
-        x: images.
-        y: labels.
-        epochs: passes over the data.
-        seed: seeds the shuffling.
-        lr: Adam learning rate for the centroids; default ``config.lr``.
-        config: the recipe.
-        label: names the run in progress lines.
-        log: receives one line per epoch.
-
-    Returns:
-        One :class:`EpochStats` per epoch. Afterwards every parameter in ``books`` has at
-        most ``len(centroids)`` distinct values.
-    """
-    named = dict(model.named_parameters())
-    pairs = [(named[name], book) for name, book in books.items()]
-    free = [p for name, p in named.items() if name not in books]
-    for _, book in pairs:
-        book.centroids.requires_grad_(True)
-
-    def write_back() -> None:
-        with torch.no_grad():
-            for p, book in pairs:
-                p.copy_(book.centroids[book.index].view_as(p))
-
-    def gather_gradients() -> None:
-        for p, book in pairs:
-            grad = p.grad.flatten() if p.grad is not None else torch.zeros_like(book.index, dtype=p.dtype)
-            book.centroids.grad = torch.zeros_like(book.centroids).index_add_(0, book.index, grad)
-            p.grad = None
-
-    groups = [{"params": [book.centroids for _, book in pairs], "lr": lr if lr is not None else config.lr}]
-    if free:
-        groups.append({"params": free, "lr": config.lr})
-    optimizer = torch.optim.Adam(groups)
-    write_back()
-    generator = torch.Generator().manual_seed(seed)
-    try:
-        return _run_epochs(model, x, y, epochs, optimizer, config, generator, gather_gradients, write_back, label, log)
-    finally:
-        for _, book in pairs:
-            book.centroids.requires_grad_(False)
-            book.centroids.grad = None
