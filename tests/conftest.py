@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+
+def run_qpack(*args: object, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``qpack`` command line in a subprocess, as a user would; assert success by default."""
+    proc = subprocess.run([sys.executable, "-m", "qpack", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 class SmallNet(torch.nn.Module):

@@ -1,20 +1,11 @@
 """The command line end to end, in subprocesses, as a user runs it."""
 
 import json
-import subprocess
-import sys
 
 import torch
+from conftest import run_qpack as run
 
 import qpack
-
-
-def run(*args, cwd, check=True):
-    proc = subprocess.run([sys.executable, "-m", "qpack", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def test_pack_info_unpack_load(tmp_path, small_net):

@@ -11,18 +11,11 @@ import termios
 
 import pytest
 import torch
+from conftest import run_qpack as run
 
 import qpack
 
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is a dev dependency")
-
-
-def run(*args, cwd, check=True):
-    proc = subprocess.run([sys.executable, "-m", "qpack", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def assert_same_state(a, b):
