@@ -251,7 +251,8 @@ def test_results_record_the_data_and_the_table(small_run: SmallRun) -> None:
     table = format_table(results)
     assert any(line.startswith("uniform w8/b1 (seed)") and "8/1" in line for line in table)
     assert any(line.startswith("LeNet-5 (lenet5): 431,080 parameters") for line in table)
-    assert any(line.startswith("pruned: share of the quantized weights") for line in table)
+    assert sum(line.startswith("pruned variants: the smallest weights") for line in table) == 3
+    assert any(line.startswith("  pruned ") and "fc1 98%, fc2 90%, fc3 30%" in line for line in table)
     assert any(line.startswith("goal: at least 40x") for line in table)
     assert "[8000:8400]" in lines[0]
     assert any("sweep" in line for line in lines)
