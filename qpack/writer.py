@@ -220,19 +220,23 @@ class atomic_output:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         assert self.file is not None and self._temp_name is not None
         try:
-            try:
+            with _naming_errors(self.path):
+                try:
+                    if exc_type is None:
+                        self.file.flush()
+                        os.fsync(self.file.fileno())
+                finally:
+                    self.file.close()
                 if exc_type is None:
-                    self.file.flush()
-                    os.fsync(self.file.fileno())
-            finally:
-                self.file.close()
-            if exc_type is None:
-                self._publish()
+                    self._publish()
         finally:
             try:
                 self._temp_name.unlink()
             except FileNotFoundError:  # renamed to the target
                 pass
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # an error from the block (ENOSPC while writing): name the file it was writing
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(self.path)) from exc
 
     def _publish(self) -> None:
         assert self._temp_name is not None

@@ -201,3 +201,16 @@ def test_cli_full_disk_is_one_line_exit_5(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "No space left on device" in proc.stderr and "m.qpk" in proc.stderr
     assert leftovers(tmp_path, {"m.pt"}) == []
+
+
+def test_atomic_output_names_the_target_on_enospc(tmp_path):
+    from qpack.writer import atomic_output
+
+    target = tmp_path / "state.pt"
+    with pytest.raises(OSError) as caught, atomic_output(target, overwrite=False):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert leftovers(tmp_path, set()) == []
+    with atomic_output(target, overwrite=False) as handle:
+        handle.write(b"done")
+    assert target.read_bytes() == b"done" and leftovers(tmp_path, {"state.pt"}) == []
