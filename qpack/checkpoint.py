@@ -28,6 +28,9 @@ __all__ = ["Checkpoint", "from_mapping", "read_checkpoint"]
 MAX_SCALARS = DEFAULT_LIMITS.max_metadata_entries // 2
 #: keys under which training scripts nest the model's state dict, in order of preference
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+#: training state that sits beside the weights in checkpoints; never packed as weights
+TRAINING_KEYS = frozenset({"optimizer", "optimizer_state_dict", "optimizer_states", "optim", "scheduler",
+                           "lr_scheduler", "lr_schedulers", "scaler", "grad_scaler", "callbacks", "loops"})
 
 
 @dataclass
@@ -145,6 +148,10 @@ def from_mapping(obj: Any, *, source: str = "the input") -> Checkpoint:
                                  + (f" and {len(rest) - 8} more" if len(rest) > 8 else ""))
                 obj = value
                 break
+    training = [key for key in obj if key in TRAINING_KEYS and isinstance(obj[key], (Mapping, list))]
+    if training:
+        notes.append(f"left out training state: {', '.join(map(str, training))}")
+        obj = {k: v for k, v in obj.items() if k not in training}
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, str] = {}
     skipped: list[str] = []

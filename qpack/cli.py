@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -343,7 +344,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _json_row(row: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(row).items()}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(row).items()}
 
 
 def _progress_bar(args: argparse.Namespace, label: str) -> Any:

@@ -198,3 +198,15 @@ def test_names_that_collide_once_flattened_are_refused(tmp_path):
     with pytest.raises(InputError, match="'a.b'"):
         qpack.pack({"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}, tmp_path / "c.qpk")
     assert not (tmp_path / "c.qpk").exists()
+
+
+def test_optimizer_state_beside_top_level_weights_is_left_out(tmp_path):
+    # some scripts save {**model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}
+    model = torch.nn.Linear(16, 8)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    torch.save({**model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}, tmp_path / "c.pt")
+    report = qpack.pack(tmp_path / "c.pt", tmp_path / "c.qpk")
+    assert [r.name for r in report.tensors] == ["weight", "bias"]
+    assert any("optimizer" in note for note in report.notes)
