@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = sub.add_parser("demo", help="reproduce the seed MNIST experiment",
-                       description="Train the seed CNN, pack it every way, and evaluate each .qpk file.")
+                       description="Train an MNIST network (the seed CNN, LeNet-300-100 or LeNet-5), pack it "
+                                   "every way, and evaluate each .qpk file.")
     _configure_demo(p)
     return parser
 

@@ -59,6 +59,7 @@ from torch.nn import functional as F
 
 from .errors import InputError
 from .policy import Policy
+from .prune import check_fraction, keep_mask
 
 __all__ = [
     "EpochStats",
@@ -176,30 +177,17 @@ def uniform_grid(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
 def prune_mask(values: torch.Tensor, fraction: float) -> torch.Tensor:
     """The elements to keep when the smallest ``|values|`` ``fraction`` is pruned.
 
-    Exactly ``round(fraction * numel)`` elements are pruned: those of smallest magnitude,
-    ties broken by position (first ones first), so the mask is deterministic.
-
-    Args:
-        values: any floating tensor.
-        fraction: in ``[0, 1)``.
+    The same rule as ``qpack.pack(..., prune=...)``: exactly ``round(fraction * numel)``
+    elements of smallest magnitude, ties broken by position.
 
     Returns:
         A bool tensor of ``values``' shape, ``True`` where the element is kept.
     """
-    _check_fraction(fraction, "prune")
-    flat = values.detach().reshape(-1)
-    count = round(fraction * flat.numel())
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    if count:
-        order = torch.argsort(flat.abs().to(torch.float32), stable=True)
-        keep[order[:count]] = False
-    return keep.view_as(values)
+    return keep_mask(values, fraction)
 
 
 def _check_fraction(fraction: object, what: str) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise InputError(f"{what} fractions must be numbers in [0, 1), got {fraction!r}")
-    return float(fraction)
+    return check_fraction(fraction, f"{what} fractions")
 
 
 # --------------------------------------------------------------------------- per-tensor state
