@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -86,6 +87,8 @@ def pack(
     bit_overrides: Mapping[str, int] | None = None,
     min_numel: int = 64,
     prune: float | None = None,
+    target_bpw: float | None = None,
+    sensitivity: Mapping[str, float] | None = None,
     force: bool = False,
     metadata: Mapping[str, str] | None = None,
     trust_pickle: bool = False,
@@ -106,6 +109,11 @@ def pack(
         min_numel: float tensors with fewer elements stay raw.
         prune: zero this fraction of the smallest weights of each quantized tensor; zero is
             then an exact level, and runs of zeros cost little after compression.
+        target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused)
+            so that the file has at most this many bits per weight, with the least total
+            relative error (qpack.allocate). Each tensor is encoded at every width first.
+        sensitivity: with ``target_bpw``, ``{name: weight}`` scaling each tensor's error
+            (e.g. the loss increase it causes on a calibration batch); 1 by default.
         force: overwrite an existing ``out_path``.
         metadata: extra string-to-string entries stored in the file.
         trust_pickle: allow checkpoints holding arbitrary pickled objects (runs their code).
@@ -134,6 +142,11 @@ def pack(
     else:
         checkpoint = from_mapping(source)
         provenance = {}
+    if target_bpw is not None:
+        from .allocate import allocate_bits
+
+        chosen = allocate_bits(checkpoint.tensors, policy, target_bpw, sensitivity)
+        policy = dataclasses.replace(policy, bits_by_name=tuple(chosen.items()))
     meta = {"qpack.version": __version__, **provenance,
             "qpack.options": json.dumps(_options(policy), sort_keys=True), **checkpoint.scalars}
     for key, value in (metadata or {}).items():
@@ -167,7 +180,7 @@ def _options(policy: Policy) -> dict[str, Any]:
     return {"bits": policy.bits, "method": policy.method, "granularity": policy.granularity,
             "bias_bits": policy.bias_bits, "exclude": list(policy.exclude),
             "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel,
-            "prune": policy.prune}
+            "prune": policy.prune, "target_bpw_bits": dict(policy.bits_by_name) or None}
 
 
 def _sha256(path: Path) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -60,6 +60,8 @@ class Policy:
     bit_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     min_numel: int = 64
     prune: float | None = None
+    #: exact tensor names -> bits (what --target-bpw chose); checked before the globs
+    bits_by_name: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.prune is not None:
@@ -67,7 +69,7 @@ class Policy:
         _check_bits("bits", self.bits)
         if self.bias_bits is not None:
             _check_bits("bias_bits", self.bias_bits)
-        for pattern, bits in self.bit_overrides:
+        for pattern, bits in self.bit_overrides + self.bits_by_name:
             _check_bits(f"bits for {pattern!r}", bits)
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -77,6 +79,13 @@ class Policy:
 
     def decide(self, name: str, tensor: torch.Tensor) -> Decision:
         """The decision for one tensor, from its name, dtype and shape (not its values)."""
+        decision = self._decide(name, tensor)
+        chosen = dict(self.bits_by_name).get(name)
+        if chosen is None or decision.encoding == "raw":
+            return decision
+        return replace(decision, bits=chosen, reason=f"{decision.reason}; --target-bpw chose {chosen} bits")
+
+    def _decide(self, name: str, tensor: torch.Tensor) -> Decision:
         dtype_name = name_of_dtype(tensor.dtype)
         if dtype_name is None or not is_float_name(dtype_name):
             return Decision("raw", 0, "tensor", "integer or bool")
