@@ -65,11 +65,12 @@ class PackReport:
             "seconds": self.seconds,
             "notes": list(self.notes),
             "metadata": dict(self.metadata),
-            "tensors": [_json_safe(asdict(t)) for t in self.tensors],
+            "tensors": [json_safe(asdict(t)) for t in self.tensors],
         }
 
 
-def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+def json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with non-finite floats as None (JSON has no NaN or Infinity)."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 

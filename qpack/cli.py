@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import traceback
@@ -348,7 +347,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _json_row(row: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(row).items()}
+    from .api import json_safe
+
+    return json_safe(asdict(row))
 
 
 def _progress_bar(args: argparse.Namespace, label: str) -> Any:
