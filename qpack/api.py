@@ -311,8 +311,12 @@ def _header_params(entry: TensorEntry) -> dict[str, Any]:
     return out
 
 
-def verify(path: str | os.PathLike[str]) -> int:
+def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) -> int:
     """Check a whole file: every rule, every checksum, every payload decoded.
+
+    Args:
+        path: the .qpk file.
+        progress: called after each tensor with (name, done, total).
 
     Returns:
         The number of tensors checked.
@@ -321,11 +325,12 @@ def verify(path: str | os.PathLike[str]) -> int:
         FormatError: the first problem found (its message names the tensor and the rule).
     """
     with QpkReader(path) as reader:
-        for name in reader.keys():
+        names = reader.keys()
+        for done, name in enumerate(names, 1):
             decode_payload(reader.entry(name), reader.read_payload(name), "cpu")
-        return len(reader)
-
-
+            if progress is not None:
+                progress(name, done, len(names))
+        return len(names)
 
 def load_state(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Any supported file as a state dict: a .qpk is decoded, anything else is read as a checkpoint."""

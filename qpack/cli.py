@@ -288,7 +288,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .errors import FormatError
 
     try:
-        count = api.verify(args.input)
+        count = api.verify(args.input, progress=_progress_bar(args, "verifying"))
     except FormatError as exc:
         if args.json:
             print(json.dumps({"path": args.input, "ok": False, "error": str(exc), "rule": exc.rule}))

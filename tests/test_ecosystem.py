@@ -149,5 +149,7 @@ def test_progress_on_a_terminal_only(tmp_path):
     assert "packing" not in piped.stderr + piped.stdout
     code, drawn = _run_on_terminal(["unpack", "many.qpk", "-o", "back.pt"], tmp_path)
     assert code == 0 and "decoding" in drawn
+    code, drawn = _run_on_terminal(["verify", "many.qpk"], tmp_path)
+    assert code == 0 and "verifying" in drawn and "OK" in drawn
     code, drawn = _run_on_terminal(["pack", "many.pt", "-o", "quiet.qpk", "--quiet"], tmp_path)
     assert code == 0 and drawn == ""
