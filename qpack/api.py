@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .checkpoint import from_mapping
 from .dtypes import itemsize
-from .encoder import TensorReport, encode_tensor
+from .encoder import TensorReport, encode_tensor, error_energy, snr_db
 from .errors import InputError
 from .format import MAGIC, TensorEntry
 from .parallel import default_workers, ordered_map
@@ -371,13 +371,10 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[list[Dif
         y = right[name]
         if x.shape != y.shape:
             raise InputError(f"tensor {name!r} has shape {list(x.shape)} in {a} but {list(y.shape)} in {b}")
-        xd, yd = x.to(torch.float64), y.to(torch.float64)
-        error = yd - xd
-        signal, noise = float((xd * xd).sum()), float((error * error).sum())
-        count = max(x.numel(), 1)
-        rows.append(DiffRow(name, list(x.shape), float(error.abs().max()) if x.numel() else 0.0,
-                            math.sqrt(noise / count), 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None,
-                            bool(torch.equal(x, y))))
+        signal, noise = error_energy(x, y)
+        max_abs = float((y.to(torch.float64) - x.to(torch.float64)).abs().max()) if x.numel() else 0.0
+        rows.append(DiffRow(name, list(x.shape), max_abs, math.sqrt(noise / max(x.numel(), 1)),
+                            snr_db(signal, noise), bool(torch.equal(x, y))))
     return rows, [n for n in left if n not in right], [n for n in right if n not in left]
 
 
@@ -423,14 +420,9 @@ def sweep(path: str | os.PathLike[str], *, methods: Iterable[str] = ("uniform", 
                     started = time.perf_counter()
                     loaded = load(target)
                     loaded_in = time.perf_counter() - started
-                    signal = noise = 0.0
-                    for row in report.tensors:
-                        if row.encoding != "raw":
-                            x = state[row.name].to(torch.float64)
-                            error = loaded[row.name].to(torch.float64) - x
-                            signal += float((x * x).sum())
-                            noise += float((error * error).sum())
-                    snr = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None
+                    energies = [error_energy(state[row.name], loaded[row.name])
+                                for row in report.tensors if row.encoding != "raw"]
+                    snr = snr_db(sum(e[0] for e in energies), sum(e[1] for e in energies))
                     rows.append(SweepRow(method, width, granularity, report.file_bytes,
                                          report.file_bytes * 8 / max(params, 1), snr, packed, loaded_in))
     return rows

@@ -23,7 +23,7 @@ from .format import TensorEntry, expected_raw_length, parameter_rows
 from .policy import Decision
 from .prune import prune_smallest
 
-__all__ = ["TensorReport", "encode_tensor", "BLOCK_ELEMENTS", "UNIQUE_LIMIT"]
+__all__ = ["TensorReport", "encode_tensor", "snr_db", "error_energy", "BLOCK_ELEMENTS", "UNIQUE_LIMIT"]
 
 #: elements per block of quantization work (a multiple of 8)
 BLOCK_ELEMENTS = 1 << 21
@@ -116,7 +116,8 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
     row.unique_after = int(np.count_nonzero(counts))
     # rounded so that summation order (BLAS, thread count) cannot change the file's bytes
     row.rel_rms = float(f"{math.sqrt(noise / signal):.4g}") if signal > 0 else (0.0 if noise == 0 else math.inf)
-    row.snr_db = round(10 * math.log10(signal / noise), 2) if noise > 0 and signal > 0 else None
+    snr = snr_db(signal, noise)
+    row.snr_db = None if snr is None else round(snr, 2)
     row.params = _params_for_report(params)
     entry.stats = {"unique_before": row.unique_before, "unique_after": row.unique_after, "rel_rms": row.rel_rms}
     if row.unique_before is None:
@@ -124,6 +125,18 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
     if row.snr_db is not None:
         entry.stats["snr_db"] = row.snr_db
     return entry, stored, row
+
+
+def snr_db(signal: float, noise: float) -> float | None:
+    """10 log10(signal / noise): None when there is no error (or no signal) to speak of."""
+    return 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None
+
+
+def error_energy(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(sum of reference^2, sum of (other - reference)^2), in float64."""
+    x = reference.to(torch.float64)
+    error = other.to(torch.float64) - x
+    return float((x * x).sum()), float((error * error).sum())
 
 
 def container_width(bits: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 import sys
 from pathlib import Path
 
@@ -35,6 +36,15 @@ class SmallNet(torch.nn.Module):
         x = torch.relu(self.bn(self.conv(x)))
         x = torch.nn.functional.adaptive_avg_pool2d(x, 4)
         return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread: small work, and it stays fast when other jobs share the CPUs."""
+    from qpack.parallel import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -44,13 +44,7 @@ SEED_KEYS = [
 ] + ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """One torch thread: small work, and it stays fast when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_seed_net_parameters_and_keys() -> None:

@@ -17,12 +17,15 @@ from qpack.errors import InputError
 from qpack.finetune import EpochStats, finetune, prune_mask, uniform_grid
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def assert_exact_repack(state: dict[str, torch.Tensor], result: Any, tmp_path: Path) -> None:
+    """Packing with the result's options gives back exactly the fine-tuned tensors."""
+    qpack.pack(state, tmp_path / "m.qpk", **result.pack_options)
+    back = qpack.load(tmp_path / "m.qpk")
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], v) for k, v in state.items())
 
 
 class Tiny(nn.Module):
@@ -123,9 +126,7 @@ def test_kmeans_with_bias_bits_quantizes_one_dimensional_parameters(
     state = _state(model)
     assert state["fc1.bias"].unique().numel() <= 4
     assert not torch.equal(state["bn.running_mean"], trained["bn.running_mean"])  # BatchNorm statistics trained
-    qpack.pack(state, tmp_path / "m.qpk", **result.pack_options)
-    back = qpack.load(tmp_path / "m.qpk")
-    assert all(torch.equal(back[k], v) for k, v in state.items())
+    assert_exact_repack(state, result, tmp_path)
 
 
 def test_pruned_weights_stay_exactly_zero(trained: dict[str, torch.Tensor], tmp_path: Path) -> None:
@@ -147,9 +148,7 @@ def test_pruned_weights_stay_exactly_zero(trained: dict[str, torch.Tensor], tmp_
         assert w.unique().numel() <= 4 and 0.0 in w.unique()  # zero plus at most three centroids
         assert result.tensors[name].codebook[0] == 0.0
         assert not torch.equal(w[masks[name]], trained[name][masks[name]])  # the kept ones trained
-    qpack.pack(state, tmp_path / "m.qpk", **result.pack_options)
-    back = qpack.load(tmp_path / "m.qpk")
-    assert all(torch.equal(back[k], v) for k, v in state.items())
+    assert_exact_repack(state, result, tmp_path)
 
 
 def test_prune_by_pattern(trained: dict[str, torch.Tensor]) -> None:
@@ -233,9 +232,7 @@ def test_weight_filter_and_exclude_leave_tensors_full_precision(
     assert result.pack_options["exclude"] == ("conv.*", "fc2.weight")
     state = _state(model)
     assert state["fc2.weight"].unique().numel() == 128
-    qpack.pack(state, tmp_path / "m.qpk", **result.pack_options)
-    back = qpack.load(tmp_path / "m.qpk")
-    assert all(torch.equal(back[k], v) for k, v in state.items())
+    assert_exact_repack(state, result, tmp_path)
 
 
 def test_bit_overrides(trained: dict[str, torch.Tensor], tmp_path: Path) -> None:
@@ -304,5 +301,4 @@ def test_finetune_on_cuda(trained: dict[str, torch.Tensor], tmp_path: Path) -> N
     result = finetune(model, _loader(x, y), bits=3, prune=0.5, epochs=1, lr=1e-3, device="cuda")
     assert model.fc1.weight.is_cuda and result.tensors["fc1.weight"].codebook.device.type == "cpu"
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    qpack.pack(state, tmp_path / "m.qpk", **result.pack_options)
-    assert all(torch.equal(v, state[k]) for k, v in qpack.load(tmp_path / "m.qpk").items())
+    assert_exact_repack(state, result, tmp_path)
