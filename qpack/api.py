@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .checkpoint import from_mapping
 from .dtypes import itemsize
-from .encoder import TensorReport, encode_tensor, error_energy, snr_db
+from .encoder import TensorReport, encode_tensor, error_energy, snr_db, storage_of
 from .errors import InputError
 from .format import MAGIC, TensorEntry
 from .parallel import default_workers, ordered_map
@@ -290,7 +290,8 @@ def info(path: str | os.PathLike[str]) -> PackReport:
                 entry.name, list(entry.shape), entry.dtype, entry.encoding, entry.bits,
                 entry.granularity, entry.numel * itemsize(entry.dtype), entry.length,
                 _int_or_none(stats.get("unique_before")), _int_or_none(stats.get("unique_after")),
-                stats.get("rel_rms"), stats.get("snr_db"), params=_header_params(entry)))
+                stats.get("rel_rms"), stats.get("snr_db"), params=_header_params(entry),
+                storage=storage_of(entry)))
         size = os.path.getsize(path)
         original = sum(r.original_bytes for r in rows)
         return PackReport(str(path), rows, size, original, metadata=dict(reader.metadata))

@@ -266,16 +266,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    header = ["name", "shape", "dtype", "encoding", "bits", "unique", "stored", "rel rms", "SNR dB"]
+    header = ["name", "shape", "dtype", "encoding", "bits", "unique", "stored", "as", "rel rms", "SNR dB"]
     rows = []
     for t in report.tensors:
         unique = f"{t.unique_before} -> {t.unique_after}" if t.unique_before is not None else "-"
         rows.append([t.name, "x".join(map(str, t.shape)) or "()", t.dtype,
                      t.encoding if t.granularity == "tensor" else f"{t.encoding}/{t.granularity}",
-                     str(t.bits) if t.bits else "-", unique, human_bytes(t.stored_bytes),
+                     str(t.bits) if t.bits else "-", unique, human_bytes(t.stored_bytes), t.storage,
                      "-" if t.rel_rms is None else f"{t.rel_rms:.4f}",
                      "-" if t.snr_db is None else f"{t.snr_db:.1f}"])
-    print(format_table(header, rows, right={4, 6, 7, 8}))
+    print(format_table(header, rows, right={4, 6, 8, 9}))
     for key, value in sorted(report.metadata.items()):
         print(f"{key}: {value}")
     print(f"total: {human_bytes(report.file_bytes)} file for {human_bytes(report.original_bytes)} of tensors "

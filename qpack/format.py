@@ -1,4 +1,4 @@
-"""The .qpk container, version 1: constants, the header schema and its validation.
+"""The .qpk container, versions 1 and 2: constants, the header schema and its validation.
 
 specs/qpk-format.md is the source of truth; every check below names the reader rule
 (R1..R21) it enforces. Nothing here touches payload bytes: ``parse_header`` turns header
@@ -41,7 +41,9 @@ __all__ = [
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
 VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: version 2 adds rANS-coded indices; a file is version 2 only when it uses them
+RANS_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 PREAMBLE = struct.Struct("<8sIIII")  # magic, version, header length, header crc32, reserved
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
@@ -50,7 +52,7 @@ ENCODINGS = ("raw", "uniform", "kmeans")
 GRANULARITIES = ("tensor", "channel", "group")
 #: R12: group sizes a reader accepts
 MIN_GROUP, MAX_GROUP = 16, 65536
-COMPRESSIONS = ("none", "zstd")
+COMPRESSIONS = ("none", "zstd", "rans")
 TENSOR_KEYS = frozenset(
     {"name", "dtype", "shape", "encoding", "bits", "width", "granularity", "group_size", "params",
      "offset", "length", "raw_length", "compression", "crc32", "stats"}
@@ -164,6 +166,11 @@ def layout_offsets(lengths: list[int]) -> list[int]:
     return offsets
 
 
+def version_for(entries: list[TensorEntry]) -> int:
+    """The lowest version that expresses these entries (spec section 6)."""
+    return RANS_VERSION if any(e.compression == "rans" for e in entries) else VERSION
+
+
 def pack_preamble(header: bytes, version: int = VERSION) -> bytes:
     return PREAMBLE.pack(MAGIC, version, len(header), zlib.crc32(header), 0)
 
@@ -196,6 +203,10 @@ def _what_it_looks_like(data: bytes) -> str:
 
 def header_crc(data: bytes) -> int:
     return PREAMBLE.unpack(data[:PREAMBLE_SIZE])[3]
+
+
+def preamble_version(data: bytes) -> int:
+    return PREAMBLE.unpack(data[:PREAMBLE_SIZE])[1]
 
 
 def build_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
@@ -321,13 +332,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMITS) -> tuple[list[TensorEntry], dict[str, str]]:
+def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMITS, *,
+                 version: int = RANS_VERSION) -> tuple[list[TensorEntry], dict[str, str]]:
     """Validate header bytes (R5-R16, all but R16's file-size check) and build the entries.
 
     Args:
         header: the H header bytes.
         expected_crc: the header checksum stored in the preamble.
         limits: reader limits.
+        version: the file's version (from the preamble); rANS payloads need version 2.
 
     Returns:
         The tensor entries in file order and the metadata map.
@@ -345,13 +358,15 @@ def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMI
     for _ in range(count):
         key = reader.value()
         if key == "tensors" and entries is None:
-            entries = _read_tensors(reader, limits)
+            entries = _read_tensors(reader, limits, version)
         elif key == "metadata" and metadata is None:
             metadata = _read_metadata(reader, limits)
         else:
             raise FormatError("R6", f"unexpected or repeated header key {_short(key)}; the keys are 'tensors' and 'metadata'")
     _expect(reader.at_end(), "R6", "bytes follow the header map inside the header")
     assert entries is not None and metadata is not None
+    _expect(version_for(entries) == version or version < RANS_VERSION, "R15",
+            f"a version-{version} file needs at least one rANS payload (write the lowest version)")
     expected = layout_offsets([e.length for e in entries])
     for entry, offset in zip(entries, expected):
         _expect(entry.offset == offset, "R16",
@@ -375,20 +390,20 @@ def _read_metadata(reader: _HeaderReader, limits: Limits) -> dict[str, str]:
     return metadata
 
 
-def _read_tensors(reader: _HeaderReader, limits: Limits) -> list[TensorEntry]:
+def _read_tensors(reader: _HeaderReader, limits: Limits, version: int) -> list[TensorEntry]:
     count = reader.array_header("R8", "'tensors'")
     _expect(count <= limits.max_tensors, "R8", f"'tensors' has {count} entries, more than {limits.max_tensors}")
     entries: list[TensorEntry] = []
     seen: set[str] = set()
     for position in range(count):
-        entry = _parse_entry(position, reader.value(), limits)
+        entry = _parse_entry(position, reader.value(), limits, version)
         _expect(entry.name not in seen, "R9", f"tensor name {entry.name!r} appears twice")
         seen.add(entry.name)
         entries.append(entry)
     return entries
 
 
-def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
+def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> TensorEntry:
     where = f"tensor #{position}"
     _expect(isinstance(raw, dict) and set(raw) == TENSOR_KEYS, "R8",
             f"{where}: entry must be a map with exactly the keys {sorted(TENSOR_KEYS)}")
@@ -441,6 +456,10 @@ def _parse_entry(position: int, raw: Any, limits: Limits) -> TensorEntry:
     _expect(compression in COMPRESSIONS, "R15", f"{where}: unknown compression {compression[:40]!r}")
     if compression == "none":
         _expect(length == raw_length, "R15", f"{where}: uncompressed payload is {length} bytes, expected {raw_length}")
+    elif compression == "rans":
+        _expect(version >= RANS_VERSION, "R15", f"{where}: rANS payloads need file version {RANS_VERSION}, this is {version}")
+        _expect(encoding != "raw" and width == bits, "R15", f"{where}: rANS codes quantized indices with width = bits")
+        _expect(0 < length < raw_length, "R15", f"{where}: rANS payload of {length} bytes for {raw_length} packed bytes")
     else:
         _expect(0 < length < raw_length, "R15", f"{where}: zstd payload of {length} bytes for {raw_length} raw bytes")
         _expect(raw_length <= length * MAX_ZSTD_EXPANSION, "R15",

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import zstandard
 
-from . import codecs
-from .bitpack import unpack_bits
+from . import codecs, rans
+from .bitpack import pack_bits, unpack_bits
 from .dtypes import dtype_from_name
 from .errors import ChecksumError, FormatError, InputError
 from .format import (
@@ -27,6 +27,7 @@ from .format import (
     header_crc,
     parse_header,
     parse_preamble,
+    preamble_version,
 )
 
 __all__ = ["QpkReader", "decode_payload"]
@@ -68,7 +69,8 @@ class QpkReader:
             header = os.pread(self._fd, header_length, PREAMBLE_SIZE)
             if len(header) != header_length:
                 raise FormatError("R4", "file shrank while being read")
-            entries, self.metadata = parse_header(header, header_crc(preamble), limits)
+            self.version = preamble_version(preamble)
+            entries, self.metadata = parse_header(header, header_crc(preamble), limits, version=self.version)
             self.data_start = align(PREAMBLE_SIZE + header_length)
             self._check_layout(entries, PREAMBLE_SIZE + header_length)
         except BaseException:
@@ -131,6 +133,8 @@ class QpkReader:
         if len(stored) != entry.length:
             raise FormatError("R16", f"tensor {name!r}: file shrank while being read")
         _check_crc(entry, stored)
+        if entry.compression == "rans":
+            return _rans_decode(entry, stored)
         return _zstd_decompress(entry, stored)
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -196,6 +200,17 @@ def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only bytes; callers get a copy or a new tensor
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+
+
+def _rans_decode(entry: TensorEntry, stored: bytes) -> torch.Tensor:
+    """The packed indices (section 4) that a rANS payload codes, so decoding continues as for
+    packed payloads: only packed bytes cross to the device, and R20 checks them."""
+    try:
+        indices = rans.decode(stored, entry.numel, entry.bits)
+    except rans.RansError as exc:
+        raise FormatError("R19", f"tensor {entry.name!r}: rANS payload is corrupted: {exc}") from None
+    return pack_bits(torch.from_numpy(indices.view(np.int16) if indices.dtype == np.uint16 else indices),
+                     entry.width)
 
 
 def _params_on(entry: TensorEntry, device: torch.device | str) -> dict[str, torch.Tensor]:

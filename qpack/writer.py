@@ -32,6 +32,7 @@ from .format import (
     name_problem,
     pack_preamble,
     parse_header,
+    version_for,
 )
 
 __all__ = ["QpkWriter", "atomic_output"]
@@ -117,10 +118,10 @@ class QpkWriter:
             raise InputError(f"the header would be {len(header)} bytes, more than a .qpk file allows "
                              f"({DEFAULT_LIMITS.max_header_bytes}); too many tensors or metadata")
         try:
-            parse_header(header, zlib.crc32(header))
+            parse_header(header, zlib.crc32(header), version=version_for(self.entries))
         except FormatError as exc:
             raise InputError(f"cannot write {self.path}: {exc}") from None
-        head = pack_preamble(header) + header
+        head = pack_preamble(header, version_for(self.entries)) + header
         head += _ZEROS[: align(len(head)) - len(head)]
         assert len(head) == align(PREAMBLE_SIZE + len(header))
         with _naming_errors(self.path), atomic_output(self.path, self.overwrite) as out:

@@ -257,10 +257,10 @@ def test_r1_short_file_and_bad_magic(tmp_path, sample_bytes):
 
 def test_r2_unsupported_version_is_named(tmp_path, sample_bytes):
     doc, payloads = split(sample_bytes)
-    for version in (0, 2, 0xFFFFFFFF):
+    for version in (0, 3, 0xFFFFFFFF):
         exc = rejects(tmp_path, assemble(doc, lay_out(doc, payloads), version=version), "R2",
                       UnsupportedVersionError)
-        assert f"version {version}" in str(exc) and "1" in str(exc)
+        assert f"version {version}" in str(exc) and "1, 2" in str(exc)
 
 
 def test_r3_reserved_field_must_be_zero(tmp_path, sample_bytes):

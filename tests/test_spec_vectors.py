@@ -30,6 +30,9 @@ def test_vector_decodes_to_spec_values(name):
             assert got.hex() == record["value_bytes_hex"], key
             if "payload_hex" in record:
                 assert reader.read_payload(key).numpy().tobytes().hex() == record["payload_hex"]
+            if "rans_indices_packed_hex" in record:  # the spec's rANS decoding of the stored bytes
+                assert reader.entry(key).compression == "rans" and reader.version == 2
+                assert reader.read_payload(key).numpy().tobytes().hex() == record["rans_indices_packed_hex"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -45,6 +45,11 @@ def vector_inputs() -> dict[str, dict]:
         "kmeans_b3": ({"w": torch.tensor([[0.5, 0.5, -1.0, 2.0], [2.0, 0.25, -1.0, 0.5],
                                           [0.25, 0.25, 7.0, -3.0]])},
                       {"bits": 3, "method": "kmeans", "min_numel": 1}),
+        # version 2: skewed indices, stored rANS-coded (section 4.1)
+        "uniform_b5_rans": ({"w": torch.distributions.Laplace(0.0, 0.02).sample((48, 64))},
+                            {"bits": 5, "min_numel": 1}),
+        "kmeans_b4_pruned_rans": ({"w": torch.distributions.Laplace(0.0, 0.02).sample((64, 40))},
+                                  {"bits": 4, "method": "kmeans", "prune": 0.7, "min_numel": 1}),
     }
 
 
@@ -83,11 +88,44 @@ def spec_kmeans_decode(codebook: np.ndarray, packed: bytes, bits: int, count: in
     return codebook[q]
 
 
+def spec_rans_decode(payload: bytes, count: int) -> np.ndarray:
+    """Section 4.1, step by step: all lanes of a step at once, symbols found by searching
+    the cumulative frequencies."""
+    lanes, alphabet = (int(v) for v in np.frombuffer(payload, "<u4", count=2))
+    freq = np.frombuffer(payload, "<u2", count=alphabet, offset=8).astype(np.int64)
+    start = np.concatenate(([0], np.cumsum(freq)))
+    x = np.frombuffer(payload, "<u4", count=lanes, offset=8 + 2 * alphabet).astype(np.int64)
+    words = np.frombuffer(payload, "<u2", offset=8 + 2 * alphabet + 4 * lanes).astype(np.int64)
+    out, read = np.empty(count, np.int64), 0
+    for t in range(-(-count // lanes)):
+        active = min(lanes, count - t * lanes)
+        r = x[:active] % 32768
+        s = np.searchsorted(start, r, side="right") - 1
+        out[t * lanes: t * lanes + active] = s
+        x[:active] = freq[s] * (x[:active] // 32768) + r - start[s]
+        refill = np.flatnonzero(x[:active] < 65536)
+        x[refill] = x[refill] * 65536 + words[read: read + refill.size]
+        read += refill.size
+    assert read == words.size and np.all(x == 65536), "rANS stream does not end at the start states"
+    return out
+
+
+def stored_payload(reader, key: str) -> bytes:
+    entry = reader.entry(key)
+    with open(reader.path, "rb") as f:
+        f.seek(reader.data_start + entry.offset)
+        return f.read(entry.length)
+
+
 def expected_for(name: str, state: dict, reader) -> dict:
     out = {}
     for key, tensor in state.items():
         entry = reader.entry(key)
         record = {"dtype": entry.dtype, "shape": list(entry.shape), "encoding": entry.encoding}
+        if entry.compression == "rans":
+            q = spec_rans_decode(stored_payload(reader, key), int(np.prod(entry.shape)))
+            record["compression"] = "rans"
+            record["rans_indices_packed_hex"] = spec_pack(q, entry.width).hex()
         if entry.encoding == "raw":
             values = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
             record["value_bytes_hex"] = values.hex()
@@ -99,7 +137,8 @@ def expected_for(name: str, state: dict, reader) -> dict:
             record["value_bytes_hex"] = final.contiguous().view(torch.uint8).numpy().tobytes().hex()
         else:  # kmeans: the codebook is the writer's choice; decoding follows the spec
             book = np.frombuffer(entry.params["codebook"], "<f4")
-            payload = reader.read_payload(key).numpy().tobytes()
+            payload = (bytes.fromhex(record["rans_indices_packed_hex"]) if entry.compression == "rans"
+                       else reader.read_payload(key).numpy().tobytes())
             values = spec_kmeans_decode(book, payload, entry.width, int(np.prod(entry.shape)))
             record["codebook"] = book.tolist()
             record["value_bytes_hex"] = torch.from_numpy(values.reshape(entry.shape).astype(np.float32)).to(tensor.dtype).view(torch.uint8).numpy().tobytes().hex()
