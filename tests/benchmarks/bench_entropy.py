@@ -1,10 +1,11 @@
 """How close qpack's stored indices come to their empirical entropy.
 
 For each quantized tensor: n·H (n indices, H the entropy of their empirical distribution,
-in bits) against the payload bytes actually stored, for the packed form alone, and for
-qpack's choice between the packed form and a byte-friendly container (both zstd).
+in bits) against the payload bytes actually stored: qpack's choice (packed, a byte-friendly
+container, each with zstd, or rANS), the zstd forms alone (rANS switched off, as before
+file version 2), and the packed form alone with zstd.
 
-    python tests/benchmarks/bench_entropy.py [CHECKPOINT] [--bits 2,3,4,5,6,8] [--json out.json]
+    python tests/benchmarks/bench_entropy.py [CHECKPOINT] [--bits 2,3,4,5,6,8] [--prune ,0.5,0.9] [--json out.json]
 
 Without a checkpoint it uses synthetic Laplace weights; give a trained one (for instance the
 demo's fp32.pt) for real weights.
@@ -23,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import qpack  # noqa: E402
+from qpack import encoder  # noqa: E402
+from qpack.bitpack import unpack_bits  # noqa: E402
 from qpack.encoder import _pack, compress  # noqa: E402
 
 
@@ -32,11 +35,46 @@ def entropy_bytes(indices: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum() * indices.size / 8)
 
 
+def measure(state: dict, path: Path, method: str, bits: int, prune: float | None) -> dict:
+    """One packing: n*H of every quantized tensor's indices against what qpack stores (rANS
+    allowed), what the zstd forms alone give (rANS switched off) and plain packing + zstd."""
+    sizes = {}
+    for label, saving in (("stored", encoder.RANS_MIN_SAVING), ("zstd", 1.0)):
+        encoder.RANS_MIN_SAVING, kept = saving, encoder.RANS_MIN_SAVING
+        try:
+            qpack.pack(state, path, bits=bits, method=method, prune=prune, force=True)
+        finally:
+            encoder.RANS_MIN_SAVING = kept
+        total_h = stored = packed_only = 0.0
+        coded = tensors = 0
+        with qpack.QpkReader(path) as reader:
+            for name in reader.keys():
+                entry = reader.entry(name)
+                if entry.encoding == "raw":
+                    continue
+                idx = unpack_bits(reader.read_payload(name), entry.width, entry.numel).to(torch.int64)
+                total_h += entropy_bytes(idx.numpy())
+                stored += entry.length
+                packed_only += len(compress(memoryview(_pack(idx, bits)))[1])
+                coded += entry.compression == "rans"
+                tensors += 1
+        sizes[label] = stored
+        if label == "stored":
+            row = {"method": method, "bits": bits, "prune": prune, "entropy_bytes": total_h,
+                   "packed_only_bytes": packed_only, "tensors": tensors, "rans_tensors": coded}
+    row.update(stored_bytes=sizes["stored"], zstd_bytes=sizes["zstd"],
+               stored_over_entropy=sizes["stored"] / row["entropy_bytes"],
+               zstd_over_entropy=sizes["zstd"] / row["entropy_bytes"],
+               packed_over_entropy=row["packed_only_bytes"] / row["entropy_bytes"])
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?")
     parser.add_argument("--bits", default="2,3,4,5,6,8")
     parser.add_argument("--methods", default="kmeans,uniform")
+    parser.add_argument("--prune", default=",0.5,0.9", help="comma-separated fractions; empty: no pruning")
     parser.add_argument("--json", default="bench_entropy.json")
     args = parser.parse_args()
     if args.checkpoint:
@@ -48,31 +86,20 @@ def main() -> int:
         del gen
         label = "synthetic Laplace 3 x 512x512"
     rows = []
+    prunes = [float(p) if p else None for p in args.prune.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "e.qpk"
         for method in args.methods.split(","):
             for bits in map(int, args.bits.split(",")):
-                qpack.pack(state, path, bits=bits, method=method, force=True)
-                total_h = stored = packed_only = 0.0
-                with qpack.QpkReader(path) as reader:
-                    for name in reader.keys():
-                        entry = reader.entry(name)
-                        if entry.encoding == "raw":
-                            continue
-                        from qpack.bitpack import unpack_bits
-
-                        idx = unpack_bits(reader.read_payload(name), entry.width, entry.numel).to(torch.int64)
-                        total_h += entropy_bytes(idx.numpy())
-                        stored += entry.length
-                        packed_only += len(compress(memoryview(_pack(idx, bits)))[1])
-                rows.append({"method": method, "bits": bits, "entropy_bytes": total_h, "stored_bytes": stored,
-                             "packed_only_bytes": packed_only, "stored_over_entropy": stored / total_h,
-                             "packed_over_entropy": packed_only / total_h})
-    print(f"indices of every quantized tensor of {label}")
-    print(f"{'method':<8} {'bits':>4} {'n*H bytes':>11} {'stored':>9} {'stored/nH':>10} {'packed only/nH':>15}")
+                for prune in prunes:
+                    rows.append(measure(state, path, method, bits, prune))
+    print(f"indices of every quantized tensor of {label}: stored bytes against n*H")
+    print(f"{'method':<8} {'bits':>4} {'prune':>5} {'n*H bytes':>11} {'stored':>9} {'stored/nH':>10} "
+          f"{'rANS':>5} {'zstd only/nH':>13} {'packed only/nH':>15}")
     for r in rows:
-        print(f"{r['method']:<8} {r['bits']:>4} {r['entropy_bytes']:>11.0f} {r['stored_bytes']:>9.0f} "
-              f"{r['stored_over_entropy']:>10.3f} {r['packed_over_entropy']:>15.3f}")
+        print(f"{r['method']:<8} {r['bits']:>4} {r['prune'] or 0:>5.2f} {r['entropy_bytes']:>11.0f} "
+              f"{r['stored_bytes']:>9.0f} {r['stored_over_entropy']:>10.4f} {r['rans_tensors']:>2}/{r['tensors']:<2} "
+              f"{r['zstd_over_entropy']:>13.3f} {r['packed_over_entropy']:>15.3f}")
     Path(args.json).write_text(json.dumps({"source": label, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
     return 0

@@ -101,6 +101,13 @@ FORMATS = [
            {"bits": 4, "method": "uniform", "granularity": "group:64"}),
     Format("qpack-u3-g64", "qpack uniform 3b/g64", "qpack", ".qpk",
            {"bits": 3, "method": "uniform", "granularity": "group:64"}),
+    # per-channel grids with rANS-coded indices, at GGUF Q4_0's and Q4_1's bits per weight
+    Format("qpack-u5-ch", "qpack uniform 5b/ch", "qpack", ".qpk",
+           {"bits": 5, "method": "uniform", "granularity": "channel"}),
+    Format("qpack-t4.53-ch", "qpack target 4.53/ch", "qpack", ".qpk",
+           {"target_bpw": 4.53, "method": "uniform", "granularity": "channel"}),
+    Format("qpack-t5.03-ch", "qpack target 5.03/ch", "qpack", ".qpk",
+           {"target_bpw": 5.03, "method": "uniform", "granularity": "channel"}),
 ]
 FORMATS_BY_KEY = {f.key: f for f in FORMATS}
 _MODULE_OF_FAMILY = {"torch": "torch", "safetensors": "safetensors", "gguf": "gguf", "qpack": "qpack"}
