@@ -31,7 +31,7 @@ BLOCK_ELEMENTS = 1 << 21
 UNIQUE_LIMIT = 1 << 24
 ZSTD_LEVEL = 3
 #: rANS is chosen only when it saves at least this share of the best zstd form
-RANS_MIN_SAVING = 0.02
+RANS_MIN_SAVING = 0.01
 _local = threading.local()
 
 

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-__all__ = ["PROB_BITS", "STATE_LOW", "MAX_STEPS", "RansError", "normalize", "coded_bits",
+__all__ = ["PROB_BITS", "STATE_LOW", "MAX_STEPS", "WRITER_STEPS", "RansError", "normalize", "coded_bits",
            "choose_lanes", "encoded_size", "encode", "decode"]
 
 #: frequencies sum to 2^PROB_BITS
@@ -34,8 +34,11 @@ _WORD_BITS = 16
 MAX_STEPS = 1 << 16
 #: header bytes before the frequencies
 _FIXED = 8
-#: the writer gives lane states at most about this share of the coded bytes
+#: the writer gives lane states about this share of the coded bytes ...
 _LANE_SHARE = 0.005
+#: ... but uses at most this many steps: each step costs a few microseconds of numpy calls,
+#: so very skewed indices (few coded bytes) get more lanes, 4 bytes per 8,192 indices
+WRITER_STEPS = 8192
 
 
 class RansError(ValueError):
@@ -72,9 +75,9 @@ def coded_bits(counts: np.ndarray, freq: np.ndarray) -> float:
 
 def choose_lanes(numel: int, payload_bits: float) -> int:
     """Lanes for ``numel`` indices: few enough that their states cost about 0.5 % of the
-    coded bits, and enough that there are at most MAX_STEPS steps."""
+    coded bits, and enough that decoding takes at most 8,192 steps."""
     by_share = int(payload_bits / 8 * _LANE_SHARE / 4)
-    return max(1, min(numel, max(by_share, -(-numel // MAX_STEPS))))
+    return max(1, min(numel, max(by_share, -(-numel // WRITER_STEPS))))
 
 
 def encoded_size(numel: int, counts: np.ndarray) -> int | None:

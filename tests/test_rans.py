@@ -61,7 +61,7 @@ def test_within_one_percent_of_the_entropy_plus_fixed_overhead(n, levels, scale)
     # the issue asks for 2 %; the table and the per-lane states are the fixed part
     indices = skewed(n, levels, scale, seed=3)
     payload = rans.encode(indices)
-    fixed = 8 + 2 * levels + 4 * -(-n // rans.MAX_STEPS)
+    fixed = 8 + 2 * levels + 4 * -(-n // rans.WRITER_STEPS)
     assert len(payload) <= 1.01 * entropy_bytes(indices) + fixed + 16
 
 

@@ -3,7 +3,9 @@
 For each quantized tensor: n·H (n indices, H the entropy of their empirical distribution,
 in bits) against the payload bytes actually stored: qpack's choice (packed, a byte-friendly
 container, each with zstd, or rANS), the zstd forms alone (rANS switched off, as before
-file version 2), and the packed form alone with zstd.
+file version 2), and the packed form alone with zstd. "body/nH" is, over the rANS-coded
+tensors only, the coded words (payload less its header, frequency table and lane states)
+against those tensors' n·H: the coder's own efficiency, the fixed overhead aside.
 
     python tests/benchmarks/bench_entropy.py [CHECKPOINT] [--bits 2,3,4,5,6,8] [--prune ,0.5,0.9] [--json out.json]
 
@@ -35,6 +37,15 @@ def entropy_bytes(indices: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum() * indices.size / 8)
 
 
+def rans_fixed_bytes(reader: qpack.QpkReader, name: str) -> int:
+    """Header, frequency table and lane states of a rANS payload (spec 4.1)."""
+    entry = reader.entry(name)
+    with open(reader.path, "rb") as f:
+        f.seek(reader.data_start + entry.offset)
+        lanes, alphabet = np.frombuffer(f.read(8), "<u4")
+    return 8 + 2 * int(alphabet) + 4 * int(lanes)
+
+
 def measure(state: dict, path: Path, method: str, bits: int, prune: float | None) -> dict:
     """One packing: n*H of every quantized tensor's indices against what qpack stores (rANS
     allowed), what the zstd forms alone give (rANS switched off) and plain packing + zstd."""
@@ -45,7 +56,7 @@ def measure(state: dict, path: Path, method: str, bits: int, prune: float | None
             qpack.pack(state, path, bits=bits, method=method, prune=prune, force=True)
         finally:
             encoder.RANS_MIN_SAVING = kept
-        total_h = stored = packed_only = 0.0
+        total_h = stored = packed_only = coded_h = coded_body = 0.0
         coded = tensors = 0
         with qpack.QpkReader(path) as reader:
             for name in reader.keys():
@@ -53,14 +64,19 @@ def measure(state: dict, path: Path, method: str, bits: int, prune: float | None
                 if entry.encoding == "raw":
                     continue
                 idx = unpack_bits(reader.read_payload(name), entry.width, entry.numel).to(torch.int64)
-                total_h += entropy_bytes(idx.numpy())
+                h = entropy_bytes(idx.numpy())
+                total_h += h
                 stored += entry.length
+                if entry.compression == "rans":  # the coded words alone: no header, table or lane states
+                    coded_h += h
+                    coded_body += entry.length - rans_fixed_bytes(reader, name)
                 packed_only += len(compress(memoryview(_pack(idx, bits)))[1])
                 coded += entry.compression == "rans"
                 tensors += 1
         sizes[label] = stored
         if label == "stored":
             row = {"method": method, "bits": bits, "prune": prune, "entropy_bytes": total_h,
+                   "rans_body_over_entropy": coded_body / coded_h if coded_h else None,
                    "packed_only_bytes": packed_only, "tensors": tensors, "rans_tensors": coded}
     row.update(stored_bytes=sizes["stored"], zstd_bytes=sizes["zstd"],
                stored_over_entropy=sizes["stored"] / row["entropy_bytes"],
@@ -95,10 +111,11 @@ def main() -> int:
                     rows.append(measure(state, path, method, bits, prune))
     print(f"indices of every quantized tensor of {label}: stored bytes against n*H")
     print(f"{'method':<8} {'bits':>4} {'prune':>5} {'n*H bytes':>11} {'stored':>9} {'stored/nH':>10} "
-          f"{'rANS':>5} {'zstd only/nH':>13} {'packed only/nH':>15}")
+          f"{'rANS':>5} {'body/nH':>8} {'zstd only/nH':>13} {'packed only/nH':>15}")
     for r in rows:
         print(f"{r['method']:<8} {r['bits']:>4} {r['prune'] or 0:>5.2f} {r['entropy_bytes']:>11.0f} "
               f"{r['stored_bytes']:>9.0f} {r['stored_over_entropy']:>10.4f} {r['rans_tensors']:>2}/{r['tensors']:<2} "
+              f"{'-' if r['rans_body_over_entropy'] is None else format(r['rans_body_over_entropy'], '.4f'):>8} "
               f"{r['zstd_over_entropy']:>13.3f} {r['packed_over_entropy']:>15.3f}")
     Path(args.json).write_text(json.dumps({"source": label, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
