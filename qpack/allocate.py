@@ -33,7 +33,7 @@ from .policy import Policy
 __all__ = ["CANDIDATE_BITS", "allocate_bits"]
 
 #: widths tried for each tensor
-CANDIDATE_BITS = (1, 2, 3, 4, 5, 6, 8)
+CANDIDATE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 #: alignment padding, per tensor (at most)
 _PADDING = 63
 #: preamble, header framing and metadata (an upper estimate)
