@@ -222,10 +222,14 @@ def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, l
 
 
 def _repair(objective: np.ndarray, resource: np.ndarray, choice: np.ndarray, limit: float) -> np.ndarray:
-    """Steps freeing resource at the least objective per unit freed, until the choice fits."""
+    """Steps freeing resource at the least objective per unit freed, until the choice fits.
+
+    What a step frees beyond the excess is not counted: else one big tensor's step, cheap
+    per unit but far more than needed, would win over a small step that is enough.
+    """
     choice, rows = choice.copy(), np.arange(len(choice))
-    while resource[rows, choice].sum() > limit:
-        freed = resource[rows, choice][:, None] - resource
+    while (excess := resource[rows, choice].sum() - limit) > 0:
+        freed = np.minimum(resource[rows, choice][:, None] - resource, excess)
         worse = objective - objective[rows, choice][:, None]
         price = np.where(freed > 0, worse / np.where(freed > 0, freed, 1), np.inf)
         row, column = np.unravel_index(np.argmin(price), price.shape)

@@ -1,15 +1,17 @@
 """--target-bpw and --max-error: bits per tensor chosen for the least error within a size, or
 the smallest file within an error bound."""
 
+import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_qpack as run
 
 import qpack
-from qpack.allocate import CANDIDATE_BITS
+from qpack.allocate import _COST, _SIZE, CANDIDATE_BITS, _allocate, _Trial
 
 
 def state_dict():
@@ -137,3 +139,36 @@ def test_max_error_on_the_command_line(tmp_path):
     assert options["max_error"] == 0.1 and options["allocated_bits"] == {r["name"]: r["bits"] for r in rows}
     weights = [math.prod(r["shape"]) for r in rows]
     assert math.sqrt(sum(w * r["rel_rms"] ** 2 for w, r in zip(weights, rows)) / sum(weights)) <= 0.1
+
+
+# -- the allocator against an exhaustive search -------------------------------------------------
+
+def random_trials(rng, tensors):
+    """Trial tables shaped like real ones: bytes grow about linearly with bits, error falls 4x a bit."""
+    trials = {}
+    for i in range(tensors):
+        numel, spread = 10 ** rng.uniform(2, 5.5), rng.uniform(0.8, 1.2, len(CANDIDATE_BITS))
+        trials[f"t{i}"] = [_Trial(b, int(numel * b / 8 * s) + 100, numel * 4.0 ** -b * rng.uniform(0.3, 3))
+                           for b, s in zip(CANDIDATE_BITS, spread)]
+    return trials
+
+
+@pytest.mark.parametrize("minimise, limited", [(_SIZE, _COST), (_COST, _SIZE)], ids=["max-error", "target-bpw"])
+def test_allocation_is_near_the_exhaustive_optimum(minimise, limited):
+    rng = np.random.default_rng(7)
+    optimal, worst = 0, 0.0
+    for _ in range(60):
+        trials = random_trials(rng, int(rng.integers(2, 5)))
+        table = np.array(list(trials.values()))  # tensors x widths x (bits, size, cost)
+        every = np.array(list(itertools.product(range(len(CANDIDATE_BITS)), repeat=len(trials))))
+        rows = np.arange(len(trials))
+        least, most = table[..., limited].min(axis=1).sum(), table[..., limited].max(axis=1).sum()
+        limit = least + (most - least) * rng.uniform(0, 0.3) ** 2
+        fits = table[rows, every, limited].sum(axis=1) <= limit
+        best = table[rows, every[fits], minimise].sum(axis=1).min()
+        choice = _allocate(trials, minimise, limited, limit)
+        assert sum(t[limited] for t in choice.values()) <= limit
+        found = sum(t[minimise] for t in choice.values())
+        optimal += found <= best * (1 + 1e-12)
+        worst = max(worst, found / best)
+    assert optimal >= 50 and worst < 1.1, (optimal, worst)
