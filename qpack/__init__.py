@@ -22,6 +22,7 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .reader import QpkReader
+from .sensitivity import measure_sensitivity
 
 __all__ = [
     "__version__",
@@ -31,6 +32,7 @@ __all__ = [
     "unpack",
     "info",
     "verify",
+    "measure_sensitivity",
     "QpkReader",
     "PackReport",
     "TensorReport",

@@ -89,6 +89,7 @@ def pack(
     min_numel: int = 64,
     prune: float | None = None,
     target_bpw: float | None = None,
+    max_error: float | None = None,
     sensitivity: Mapping[str, float] | None = None,
     force: bool = False,
     metadata: Mapping[str, str] | None = None,
@@ -113,8 +114,13 @@ def pack(
         target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused)
             so that the file has at most this many bits per weight, with the least total
             relative error (qpack.allocate). Each tensor is encoded at every width first.
-        sensitivity: with ``target_bpw``, ``{name: weight}`` scaling each tensor's error
-            (e.g. the loss increase it causes on a calibration batch); 1 by default.
+        max_error: instead of ``target_bpw``, choose each quantized tensor's bits (1 to 8)
+            for the smallest file whose overall relative RMS error is at most this:
+            ``sqrt(sum_t s_t n_t rel_t^2 / sum_t s_t n_t)`` over the quantized tensors, with
+            ``rel_t`` a tensor's ``rel_rms``, ``n_t`` its element count and ``s_t`` its
+            sensitivity.
+        sensitivity: with ``target_bpw`` or ``max_error``, ``{name: weight}`` scaling each
+            tensor's error, e.g. from :func:`qpack.measure_sensitivity`; 1 for names it lacks.
         force: overwrite an existing ``out_path``.
         metadata: extra string-to-string entries stored in the file.
         trust_pickle: allow checkpoints holding arbitrary pickled objects (runs their code).
@@ -143,13 +149,16 @@ def pack(
     else:
         checkpoint = from_mapping(source)
         provenance = {}
-    if target_bpw is not None:
+    if target_bpw is not None or max_error is not None:
         from .allocate import allocate_bits
 
-        chosen = allocate_bits(checkpoint.tensors, policy, target_bpw, sensitivity)
-        policy = dataclasses.replace(policy, bits_by_name=tuple(chosen.items()))
+        chosen = allocate_bits(checkpoint.tensors, policy, target_bpw, sensitivity, max_error=max_error)
+        allocation = f"--target-bpw {target_bpw}" if max_error is None else f"--max-error {max_error}"
+        policy = dataclasses.replace(policy, bits_by_name=tuple(chosen.items()), allocation=allocation)
+    elif sensitivity is not None:
+        raise InputError("sensitivity weighs errors for target_bpw or max_error; give one of them")
     meta = {"qpack.version": __version__, **provenance,
-            "qpack.options": json.dumps(_options(policy), sort_keys=True), **checkpoint.scalars}
+            "qpack.options": json.dumps(_options(policy, target_bpw, max_error), sort_keys=True), **checkpoint.scalars}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InputError("metadata keys and values must be strings")
@@ -177,11 +186,16 @@ def pack(
                       time.perf_counter() - started)
 
 
-def _options(policy: Policy) -> dict[str, Any]:
-    return {"bits": policy.bits, "method": policy.method, "granularity": policy.granularity,
+def _options(policy: Policy, target_bpw: float | None, max_error: float | None) -> dict[str, Any]:
+    return {"target_bpw": _float_or_none(target_bpw), "max_error": _float_or_none(max_error),
+            "bits": policy.bits, "method": policy.method, "granularity": policy.granularity,
             "bias_bits": policy.bias_bits, "exclude": list(policy.exclude),
             "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel,
-            "prune": policy.prune, "target_bpw_bits": dict(policy.bits_by_name) or None}
+            "prune": policy.prune, "allocated_bits": dict(policy.bits_by_name) or None}
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)  # a numpy scalar is not JSON
 
 
 def _sha256(path: Path) -> str:

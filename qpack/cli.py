@@ -67,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float tensors with fewer elements stay lossless (default 64)")
     p.add_argument("--prune", type=float, metavar="FRACTION",
                    help="zero this fraction of the smallest weights of each quantized tensor")
-    p.add_argument("--target-bpw", type=float, metavar="X",
-                   help="choose each tensor's bits (1-8) so the file has at most X bits per weight, "
-                        "with the least total error")
+    allocation = p.add_mutually_exclusive_group()
+    allocation.add_argument("--target-bpw", type=float, metavar="X",
+                            help="choose each tensor's bits (1-8) so the file has at most X bits per weight, "
+                                 "with the least total error")
+    allocation.add_argument("--max-error", type=float, metavar="E",
+                            help="choose each tensor's bits (1-8) for the smallest file whose overall relative "
+                                 "RMS error is at most E")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="store a metadata entry in the file (repeatable)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -212,7 +216,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".qpk")
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
-                      min_numel=args.min_numel, prune=args.prune, target_bpw=args.target_bpw, force=args.force, metadata=_parse_meta(args.meta),
+                      min_numel=args.min_numel, prune=args.prune, target_bpw=args.target_bpw, max_error=args.max_error,
+                      force=args.force, metadata=_parse_meta(args.meta),
                       trust_pickle=args.trust_pickle, progress=_progress_bar(args, "packing"))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

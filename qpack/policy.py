@@ -60,8 +60,10 @@ class Policy:
     bit_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     min_numel: int = 64
     prune: float | None = None
-    #: exact tensor names -> bits (what --target-bpw chose); checked before the globs
+    #: exact tensor names -> bits (what --target-bpw or --max-error chose); checked before the globs
     bits_by_name: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    #: the option that chose ``bits_by_name`` ("--max-error 0.01"), named in each tensor's reason
+    allocation: str = ""
 
     def __post_init__(self) -> None:
         if self.prune is not None:
@@ -83,7 +85,7 @@ class Policy:
         chosen = dict(self.bits_by_name).get(name)
         if chosen is None or decision.encoding == "raw":
             return decision
-        return replace(decision, bits=chosen, reason=f"{decision.reason}; --target-bpw chose {chosen} bits")
+        return replace(decision, bits=chosen, reason=f"{decision.reason}; {self.allocation or 'allocation'} chose {chosen} bits")
 
     def _decide(self, name: str, tensor: torch.Tensor) -> Decision:
         dtype_name = name_of_dtype(tensor.dtype)

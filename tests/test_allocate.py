@@ -1,11 +1,17 @@
-"""--target-bpw: bits per tensor chosen to meet a size target with the least error."""
+"""--target-bpw and --max-error: bits per tensor chosen for the least error within a size, or
+the smallest file within an error bound."""
 
+import itertools
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
+from conftest import run_qpack as run
 
 import qpack
+from qpack.allocate import _COST, _SIZE, CANDIDATE_BITS, _allocate, _Trial
 
 
 def state_dict():
@@ -30,7 +36,7 @@ def test_meets_the_target_and_beats_one_width_for_all(tmp_path, target):
     chosen = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target)
     assert bits_per_weight(chosen, state) <= target
     rows = {r.name: r for r in chosen.tensors}
-    assert "--target-bpw chose" in rows["big.weight"].reason
+    assert f"--target-bpw {target} chose" in rows["big.weight"].reason
     # no single width for every tensor that fits the same budget (with the small margin the
     # allocator keeps for the header it cannot see yet) has less total error
     for bits in range(1, 9):
@@ -45,7 +51,7 @@ def test_info_shows_the_choice(tmp_path):
     described = qpack.info(tmp_path / "t.qpk")
     widths = {t.name: t.bits for t in described.tensors if t.encoding != "raw"}
     options = json.loads(described.metadata["qpack.options"])
-    assert widths and options["target_bpw_bits"] == widths
+    assert widths and options["allocated_bits"] == widths and options["target_bpw"] == 2.5
 
 
 def test_sensitivity_buys_bits(tmp_path):
@@ -64,3 +70,105 @@ def test_impossible_target_is_a_clear_error(tmp_path):
     for bad in [0, -1, "x"]:
         with pytest.raises(qpack.InputError):
             qpack.pack(state_dict(), tmp_path / "t.qpk", target_bpw=bad)
+
+
+# -- --max-error: the smallest file within an error bound ---------------------------------------
+
+def overall_error(report, sensitivity=None):
+    """sqrt(sum s n rel^2 / sum s n) over the quantized tensors, from the rows' rel_rms."""
+    rows = [r for r in report.tensors if r.encoding != "raw"]
+    weights = [(sensitivity or {}).get(r.name, 1.0) * math.prod(r.shape) for r in rows]
+    return math.sqrt(sum(w * r.rel_rms ** 2 for w, r in zip(weights, rows)) / sum(weights))
+
+
+def payload_bytes(report):
+    return sum(r.stored_bytes for r in report.tensors)
+
+
+@pytest.mark.parametrize("bound", [0.025, 0.1, 0.15, 0.4])
+def test_max_error_meets_the_bound_and_beats_one_width_for_all(tmp_path, bound):
+    state = state_dict()
+    chosen = qpack.pack(state, tmp_path / "e.qpk", max_error=bound)
+    assert overall_error(qpack.info(tmp_path / "e.qpk")) <= bound * (1 + 1e-9)  # the file's own stats
+    assert f"--max-error {bound} chose" in next(r.reason for r in chosen.tensors if r.name == "big.weight")
+    met = 0
+    for bits in CANDIDATE_BITS:  # the widths the allocator may use
+        same = qpack.pack(state, tmp_path / f"b{bits}.qpk", bits=bits, force=True)
+        if overall_error(same) <= bound:
+            met += 1
+            # payloads, not files: the allocated file's options record is longer
+            assert payload_bytes(chosen) <= payload_bytes(same), bits
+    assert met  # each bound is met by some single width, so the comparison above ran
+
+
+def test_max_error_with_sensitivity_weighs_the_bound(tmp_path):
+    state = state_dict()
+    weights = {"mid.weight": 50.0}
+    plain = qpack.pack(state, tmp_path / "a.qpk", max_error=0.1)
+    careful = qpack.pack(state, tmp_path / "b.qpk", max_error=0.1, sensitivity=weights)
+    assert overall_error(careful, weights) <= 0.1 * (1 + 1e-9)
+    bits = {r.name: r.bits for r in careful.tensors}
+    assert bits["mid.weight"] > next(r.bits for r in plain.tensors if r.name == "mid.weight")
+    options = json.loads(qpack.info(tmp_path / "b.qpk").metadata["qpack.options"])
+    assert options["max_error"] == 0.1 and options["target_bpw"] is None
+    assert options["allocated_bits"] == {k: v for k, v in bits.items() if k != "small.bias"}
+
+
+def test_max_error_bad_values_and_impossible_bound(tmp_path):
+    with pytest.raises(qpack.InputError, match=r"cannot be met.*gives an error of 0\.0\d+"):
+        qpack.pack(state_dict(), tmp_path / "e.qpk", max_error=1e-4)
+    for bad in [0, -0.1, float("nan"), float("inf"), "0.1", True]:
+        with pytest.raises(qpack.InputError, match="max error must be a positive finite number"):
+            qpack.pack(state_dict(), tmp_path / "e.qpk", max_error=bad)
+    with pytest.raises(qpack.InputError, match="exactly one"):
+        qpack.pack(state_dict(), tmp_path / "e.qpk", max_error=0.1, target_bpw=3.0)
+    with pytest.raises(qpack.InputError, match="lacks.*'module.mid.weight'"):
+        qpack.pack(state_dict(), tmp_path / "e.qpk", max_error=0.1, sensitivity={"module.mid.weight": 2.0})
+    with pytest.raises(qpack.InputError, match="target_bpw or max_error"):
+        qpack.pack(state_dict(), tmp_path / "e.qpk", sensitivity={"mid.weight": 2.0})
+    assert not (tmp_path / "e.qpk").exists()
+
+
+def test_max_error_on_the_command_line(tmp_path):
+    torch.save(state_dict(), tmp_path / "model.pt")
+    run("pack", "model.pt", "--max-error", "0.1", "-o", "e.qpk", cwd=tmp_path)
+    doc = json.loads(run("info", "e.qpk", "--json", cwd=tmp_path).stdout)
+    rows = [r for r in doc["tensors"] if r["encoding"] != "raw"]
+    assert len({r["bits"] for r in rows}) > 1  # a choice per tensor, not one width
+    options = json.loads(doc["metadata"]["qpack.options"])
+    assert options["max_error"] == 0.1 and options["allocated_bits"] == {r["name"]: r["bits"] for r in rows}
+    weights = [math.prod(r["shape"]) for r in rows]
+    assert math.sqrt(sum(w * r["rel_rms"] ** 2 for w, r in zip(weights, rows)) / sum(weights)) <= 0.1
+
+
+# -- the allocator against an exhaustive search -------------------------------------------------
+
+def random_trials(rng, tensors):
+    """Trial tables shaped like real ones: bytes grow about linearly with bits, error falls 4x a bit."""
+    trials = {}
+    for i in range(tensors):
+        numel, spread = 10 ** rng.uniform(2, 5.5), rng.uniform(0.8, 1.2, len(CANDIDATE_BITS))
+        trials[f"t{i}"] = [_Trial(b, int(numel * b / 8 * s) + 100, numel * 4.0 ** -b * rng.uniform(0.3, 3))
+                           for b, s in zip(CANDIDATE_BITS, spread)]
+    return trials
+
+
+@pytest.mark.parametrize("minimise, limited", [(_SIZE, _COST), (_COST, _SIZE)], ids=["max-error", "target-bpw"])
+def test_allocation_is_near_the_exhaustive_optimum(minimise, limited):
+    rng = np.random.default_rng(7)
+    optimal, worst = 0, 0.0
+    for _ in range(60):
+        trials = random_trials(rng, int(rng.integers(2, 5)))
+        table = np.array(list(trials.values()))  # tensors x widths x (bits, size, cost)
+        every = np.array(list(itertools.product(range(len(CANDIDATE_BITS)), repeat=len(trials))))
+        rows = np.arange(len(trials))
+        least, most = table[..., limited].min(axis=1).sum(), table[..., limited].max(axis=1).sum()
+        limit = least + (most - least) * rng.uniform(0, 0.3) ** 2
+        fits = table[rows, every, limited].sum(axis=1) <= limit
+        best = table[rows, every[fits], minimise].sum(axis=1).min()
+        choice = _allocate(trials, minimise, limited, limit)
+        assert sum(t[limited] for t in choice.values()) <= limit
+        found = sum(t[minimise] for t in choice.values())
+        optimal += found <= best * (1 + 1e-12)
+        worst = max(worst, found / best)
+    assert optimal >= 50 and worst < 1.1, (optimal, worst)

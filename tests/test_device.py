@@ -49,3 +49,17 @@ def test_load_into_module_on_device(tmp_path):
     qpack.load_into(net_cpu, tmp_path / "m.qpk")
     for (name, a), b in zip(net_gpu.state_dict().items(), net_cpu.state_dict().values()):
         assert a.is_cuda and torch.equal(a.cpu(), b), name
+
+
+def test_sensitivity_on_device_matches_cpu():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 32, generator=gen), torch.randint(0, 4, (8,), generator=gen)) for _ in range(2)]
+    on_cpu = qpack.measure_sensitivity(model, batches, torch.nn.functional.cross_entropy)
+    model.cuda()
+    on_gpu = qpack.measure_sensitivity(model, batches, torch.nn.functional.cross_entropy)  # batches moved there
+    assert next(model.parameters()).is_cuda
+    assert on_gpu.keys() == on_cpu.keys()
+    for name, weight in on_cpu.items():
+        assert on_gpu[name] == pytest.approx(weight, rel=1e-2), name

@@ -83,3 +83,18 @@ if __name__ == "__main__":
         print("README.md CLI reference updated")
     else:
         sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_sensitivity_example_runs(tmp_path, monkeypatch):
+    block = next(b for b in _python_blocks() if "measure_sensitivity" in b)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    from qpack.demo.net import SeedNet
+
+    import qpack
+
+    loader = [(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(10)]
+    namespace: dict = {"model": SeedNet(), "loader": loader}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    options = qpack.info("model.qpk").metadata["qpack.options"]
+    assert '"max_error": 0.05' in options
