@@ -88,6 +88,7 @@ def pack(
     bit_overrides: Mapping[str, int] | None = None,
     min_numel: int = 64,
     prune: float | None = None,
+    exact_zero: bool = False,
     target_bpw: float | None = None,
     max_error: float | None = None,
     sensitivity: Mapping[str, float] | None = None,
@@ -111,6 +112,9 @@ def pack(
         min_numel: float tensors with fewer elements stay raw.
         prune: zero this fraction of the smallest weights of each quantized tensor; zero is
             then an exact level, and runs of zeros cost little after compression.
+        exact_zero: give every grid or codebook an exact 0 level without pruning (a uniform
+            range widens by less than a step): zeros stay zeros, and the near-zero bulk of
+            L1-trained or sparse weights lands on 0 instead of on the nearest level.
         target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused)
             so that the file has at most this many bits per weight, with the least total
             relative error (qpack.allocate). Each tensor is encoded at every width first.
@@ -138,7 +142,7 @@ def pack(
     started = time.perf_counter()
     policy = Policy(bits=bits, method=method, granularity=granularity, bias_bits=bias_bits,
                     exclude=tuple(exclude), bit_overrides=tuple((bit_overrides or {}).items()),
-                    min_numel=min_numel, prune=prune)
+                    min_numel=min_numel, prune=prune, exact_zero=exact_zero)
     out_path = Path(out_path)
     check_output_path(out_path, force)
     if isinstance(source, (str, os.PathLike)):
@@ -191,7 +195,7 @@ def _options(policy: Policy, target_bpw: float | None, max_error: float | None) 
             "bits": policy.bits, "method": policy.method, "granularity": policy.granularity,
             "bias_bits": policy.bias_bits, "exclude": list(policy.exclude),
             "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel,
-            "prune": policy.prune, "allocated_bits": dict(policy.bits_by_name) or None}
+            "prune": policy.prune, "exact_zero": policy.exact_zero, "allocated_bits": dict(policy.bits_by_name) or None}
 
 
 def _float_or_none(value: float | None) -> float | None:

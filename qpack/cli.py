@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float tensors with fewer elements stay lossless (default 64)")
     p.add_argument("--prune", type=float, metavar="FRACTION",
                    help="zero this fraction of the smallest weights of each quantized tensor")
+    p.add_argument("--exact-zero", action="store_true",
+                   help="give every grid or codebook an exact 0 level (zeros stay zeros)")
     allocation = p.add_mutually_exclusive_group()
     allocation.add_argument("--target-bpw", type=float, metavar="X",
                             help="choose each tensor's bits (1-8) so the file has at most X bits per weight, "
@@ -216,7 +218,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".qpk")
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
-                      min_numel=args.min_numel, prune=args.prune, target_bpw=args.target_bpw, max_error=args.max_error,
+                      min_numel=args.min_numel, prune=args.prune, exact_zero=args.exact_zero, target_bpw=args.target_bpw, max_error=args.max_error,
                       force=args.force, metadata=_parse_meta(args.meta),
                       trust_pickle=args.trust_pickle, progress=_progress_bar(args, "packing"))
     if args.json:

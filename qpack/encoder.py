@@ -110,7 +110,7 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
         row.reason += f", {pruned:,} smallest pruned to 0"
     rows = parameter_rows(shape, decision.granularity, group_size)
     row_length = group_size or None
-    params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=bool(decision.prune))
+    params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=bool(decision.prune) or decision.exact_zero)
     indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length)
     width, compression, stored = _store_indices(indices, bits, counts)
     entry = TensorEntry(name, dtype, shape, decision.encoding, bits, decision.granularity,

@@ -29,6 +29,8 @@ class Decision:
     reason: str
     group_size: int = 0
     prune: float | None = None
+    #: the grid or codebook must hold an exact 0 (always so when pruned)
+    exact_zero: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Policy:
             more than they save).
         prune: zero this fraction of smallest-magnitude weights in each quantized tensor
             (zero is then an exact level of its grid or codebook).
+        exact_zero: give every grid or codebook an exact 0 level, as pruning does, without
+            pruning: weights that are 0 stay 0, and near-zero weights (most of an L1-trained
+            or sparse tensor) land on it. A uniform range widens by less than a step.
     """
 
     bits: int = 8
@@ -60,6 +65,7 @@ class Policy:
     bit_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     min_numel: int = 64
     prune: float | None = None
+    exact_zero: bool = False
     #: exact tensor names -> bits (what --target-bpw or --max-error chose); checked before the globs
     bits_by_name: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     #: the option that chose ``bits_by_name`` ("--max-error 0.01"), named in each tensor's reason
@@ -102,13 +108,14 @@ class Policy:
             kind, group_size = "tensor", 0
         for pattern, bits in self.bit_overrides:
             if fnmatch.fnmatchcase(name, pattern):
-                return Decision(self.method, bits, kind, f"--bits {pattern}={bits}", group_size, self.prune)
+                return Decision(self.method, bits, kind, f"--bits {pattern}={bits}", group_size, self.prune,
+                                self.exact_zero)
         if tensor.dim() >= 2:
             if tensor.numel() < self.min_numel:
                 return Decision("raw", 0, "tensor", f"small (< {self.min_numel} elements)")
-            return Decision(self.method, self.bits, kind, "weight", group_size, self.prune)
+            return Decision(self.method, self.bits, kind, "weight", group_size, self.prune, self.exact_zero)
         if self.bias_bits is not None:
-            return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)")
+            return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)", exact_zero=self.exact_zero)
         return Decision("raw", 0, "tensor", "1-D (bias or norm)")
 
 

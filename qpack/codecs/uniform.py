@@ -66,10 +66,16 @@ def _range_with_exact_zero(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[t
     hi = np.maximum(hi, 0).astype(np.float32)
     span = (hi.astype(np.float64) - lo.astype(np.float64))
     safe_span = np.where(span > 0, span, 1.0)
-    zero_at = np.clip(np.rint(-lo.astype(np.float64) / safe_span * float(levels)), 0, float(levels))
-    below = np.where(zero_at > 0, -lo.astype(np.float64) / np.maximum(zero_at, 1), 0.0)
-    above = np.where(zero_at < levels, hi.astype(np.float64) / np.maximum(float(levels) - zero_at, 1), 0.0)
-    span32 = np.nextafter((np.maximum(below, above) * float(levels)).astype(np.float32),
+    # the zero's index: of the two nearest to where 0 falls, the one needing the smaller step,
+    # kept off the ends when a side has weights (else that side would be cut off) unless
+    # there are only two levels
+    where = -lo.astype(np.float64) / safe_span * float(levels)
+    first = np.where((lo < 0) & (levels >= 2), 1.0, 0.0)
+    last = np.where((hi > 0) & (levels >= 2), float(levels) - 1, float(levels))
+    candidates = [np.clip(np.floor(where), first, last), np.clip(np.ceil(where), first, last)]
+    needed = [_step_needed(lo, hi, z, float(levels)) for z in candidates]
+    zero_at = np.where(needed[0] <= needed[1], candidates[0], candidates[1])
+    span32 = np.nextafter((np.minimum(needed[0], needed[1]) * float(levels)).astype(np.float32),
                           np.float32(np.inf), dtype=np.float32)
     step = (span32 / levels).astype(np.float32)
     step[span == 0] = 0
@@ -84,6 +90,13 @@ def _range_with_exact_zero(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[t
             break
         step = np.where(found, step, nearest)
     return torch.from_numpy(new_lo), torch.from_numpy(np.maximum(new_hi, new_lo))
+
+
+def _step_needed(lo: np.ndarray, hi: np.ndarray, zero_at: np.ndarray, levels: float) -> np.ndarray:
+    """The step that puts 0 at index ``zero_at`` and still reaches lo below and hi above."""
+    below = np.where(zero_at > 0, -lo.astype(np.float64) / np.maximum(zero_at, 1), 0.0)
+    above = np.where(zero_at < levels, hi.astype(np.float64) / np.maximum(levels - zero_at, 1), 0.0)
+    return np.maximum(below, above)
 
 
 def _max_for_step(lo: np.ndarray, step: np.ndarray, levels: np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
