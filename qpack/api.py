@@ -23,7 +23,7 @@ from .dtypes import itemsize
 from .encoder import TensorReport, encode_tensor, error_energy, snr_db, storage_of
 from .errors import InputError
 from .format import MAGIC, TensorEntry
-from .parallel import default_workers, ordered_map
+from .parallel import default_workers, ordered_map, torch_threads
 from .policy import Policy
 from .reader import QpkReader, decode_payload
 from .sources import open_source
@@ -156,7 +156,8 @@ def pack(
     if target_bpw is not None or max_error is not None:
         from .allocate import allocate_bits
 
-        chosen = allocate_bits(checkpoint.tensors, policy, target_bpw, sensitivity, max_error=max_error)
+        with torch_threads(1):  # trial encodes, one tensor at a time: see qpack.parallel
+            chosen = allocate_bits(checkpoint.tensors, policy, target_bpw, sensitivity, max_error=max_error)
         allocation = f"--target-bpw {target_bpw}" if max_error is None else f"--max-error {max_error}"
         policy = dataclasses.replace(policy, bits_by_name=tuple(chosen.items()), allocation=allocation)
     elif sensitivity is not None:

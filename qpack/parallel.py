@@ -1,8 +1,11 @@
 """Running per-tensor work on a few threads, in order, without oversubscribing the CPU.
 
 zstd, numpy and torch release the GIL, so tensors can be encoded or decoded side by side.
-Each tensor's torch operations then run single-threaded: several threads each asking
-torch for all cores would fight over them (measured 4-7x slower on a busy 2-core machine).
+Each tensor's torch operations run single-threaded, whatever the number of workers: several
+threads each asking torch for all cores fight over them (measured 4-7x slower on a busy
+2-core machine), and even one thread's multi-threaded torch operations collapse when
+another process holds a core (OpenMP's waiting threads spin: a 30 M-parameter 8-bit load
+took 9.6 s instead of 0.27 s on the 2-core machine while another job ran).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ R = TypeVar("R")
 def default_workers(limit: int = 8) -> int:
     """Worker threads to use: one per two cores, at most ``limit``.
 
-    Measured: on 2 cores one worker (torch using both cores inside it) loads and packs
-    faster than two, which contend (a 100M-parameter 8-bit load took 0.22 s against 0.43 s);
-    on a 16-core host 8 workers load as fast as torch.load.
+    Measured: on 2 cores one worker loads and packs faster than two, which contend (a
+    100M-parameter 8-bit load took 0.22 s against 0.43 s); on a 16-core host 8 workers load
+    as fast as torch.load.
     """
     return max(1, min(limit, (os.cpu_count() or 1) // 2))
 
@@ -52,7 +55,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
     memory-mapped checkpoint, shards) never has more than a few tensors loaded at once.
     """
     if workers <= 1:
-        yield from map(fn, items)
+        with torch_threads(1):
+            yield from map(fn, items)
         return
     with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque[Future[R]] = deque()

@@ -88,7 +88,8 @@ class QpackSetting:
 
 #: GGUF-like groups of 32 at GGUF's widths, and bit allocation at a target size: 4.5 bits
 #: per weight (Q4_0's) does not bind on these networks (8-bit indices after zstd take less),
-#: 1.0 and 0.5 do. The demo already has k-means 4 and 3 bits for every network.
+#: 1.0 and 0.5 do. The demo already has k-means 4 and 3 bits for every network. Then
+#: uniform grids with an exact zero (``--exact-zero``) at the widths where plain min/max fails.
 QPACK_SETTINGS = (
     QpackSetting("uniform w8 group:32 (cf. Q8_0)", {"bits": 8, "granularity": "group:32"}, "uniform-w8-g32.qpk"),
     QpackSetting("uniform w5 group:32 (cf. Q5_x)", {"bits": 5, "granularity": "group:32"}, "uniform-w5-g32.qpk"),
@@ -99,6 +100,14 @@ QPACK_SETTINGS = (
         for target in (4.5, 1.0, 0.5)
         for method, label in (("uniform", "uniform"), ("kmeans", "k-means"))
     ),
+    # min/max grids with an exact 0 level: what --exact-zero does for L1-trained weights
+    *(
+        QpackSetting(f"uniform w{bits} --exact-zero", {"bits": bits, "exact_zero": True},
+                     f"uniform-w{bits}-exact-zero.qpk")
+        for bits in (2, 3, 4, 5, 8)
+    ),
+    QpackSetting("uniform, target 0.5 bpw --exact-zero", {"target_bpw": 0.5, "exact_zero": True},
+                 "uniform-target0.5-exact-zero.qpk"),
 )
 
 
