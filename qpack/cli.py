@@ -69,11 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero this fraction of the smallest weights of each quantized tensor")
     allocation = p.add_mutually_exclusive_group()
     allocation.add_argument("--target-bpw", type=float, metavar="X",
-                            help="choose each tensor's bits (1-8) so the file has at most X bits per weight, "
-                                 "with the least total error")
+                            help="choose each tensor's bits (1-8) and granularity so the file has at most X "
+                                 "bits per weight, with the least total error")
     allocation.add_argument("--max-error", type=float, metavar="E",
-                            help="choose each tensor's bits (1-8) for the smallest file whose overall relative "
-                                 "RMS error is at most E")
+                            help="choose each tensor's bits (1-8) and granularity for the smallest file whose "
+                                 "overall relative RMS error is at most E")
+    p.add_argument("--allocate-granularity", metavar="LIST",
+                   help="with --target-bpw or --max-error: the granularities to choose from, comma-separated, "
+                        "e.g. tensor,channel,group:64 (default: --granularity, channel and tensor; each one "
+                        "adds 8 trial encodes per tensor)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="store a metadata entry in the file (repeatable)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -217,6 +221,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
                       min_numel=args.min_numel, prune=args.prune, target_bpw=args.target_bpw, max_error=args.max_error,
+                      allocate_granularity=args.allocate_granularity,
                       force=args.force, metadata=_parse_meta(args.meta),
                       trust_pickle=args.trust_pickle, progress=_progress_bar(args, "packing"))
     if args.json:
