@@ -126,7 +126,8 @@ def pack(
             tensor's error, e.g. from :func:`qpack.measure_sensitivity`; 1 for names it lacks.
         allocate_granularity: with ``target_bpw`` or ``max_error``, the granularities tried
             for each tensor ("tensor,channel,group:64" or a list of those); by default
-            ``granularity``, "channel" and "tensor". Each one adds 8 trial encodes per tensor.
+            ``granularity``, "channel" (uniform only: per-row k-means fits are slow) and
+            "tensor". Each one adds 8 trial encodes per tensor.
         force: overwrite an existing ``out_path``.
         metadata: extra string-to-string entries stored in the file.
         trust_pickle: allow checkpoints holding arbitrary pickled objects (runs their code).

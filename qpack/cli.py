@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "overall relative RMS error is at most E")
     p.add_argument("--allocate-granularity", metavar="LIST",
                    help="with --target-bpw or --max-error: the granularities to choose from, comma-separated, "
-                        "e.g. tensor,channel,group:64 (default: --granularity, channel and tensor; each one "
-                        "adds 8 trial encodes per tensor)")
+                        "e.g. tensor,channel,group:64 (default: --granularity, channel for uniform, and "
+                        "tensor; each one adds 8 trial encodes per tensor)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="store a metadata entry in the file (repeatable)")
     p.add_argument("--trust-pickle", action="store_true",

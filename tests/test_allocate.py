@@ -235,6 +235,18 @@ def test_granularity_round_trips_through_the_command_line(tmp_path):
         assert float((y - x).norm() / x.norm()) == pytest.approx(row["rel_rms"], rel=1e-3)
 
 
+def test_default_candidates():
+    from qpack.allocate import candidate_granularities
+    from qpack.policy import Policy
+
+    assert candidate_granularities(Policy()) == ("tensor", "channel")
+    assert candidate_granularities(Policy(granularity="group:64")) == ("group:64", "channel", "tensor")
+    # per-row codebooks are slow to fit: tried for k-means only when asked
+    assert candidate_granularities(Policy(method="kmeans")) == ("tensor",)
+    assert candidate_granularities(Policy(method="kmeans", granularity="channel")) == ("channel", "tensor")
+    assert candidate_granularities(Policy(), " channel,,group:32 ") == ("channel", "group:32")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target-bpw", "3", "--allocate-granularity", "channel,rows"], "unknown granularity 'rows'"),
     (["--target-bpw", "3", "--allocate-granularity", "group:8"], "unknown granularity 'group:8'"),
