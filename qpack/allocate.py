@@ -1,8 +1,11 @@
-"""Choosing the bits of each tensor: the least error for a file size, or the least size for an error.
+"""Choosing the bits and granularity of each tensor: the least error for a file size, or the
+least size for an error.
 
 Both problems start from the same measurements. Every tensor the policy quantizes is encoded
-at each candidate width, recording what it really costs (stored bytes after zstd, plus its
-parameters) and what it loses (its squared error relative to its mean square, times its
+at each candidate: each width of ``CANDIDATE_BITS`` at each candidate granularity (by default
+the policy's, "channel" and "tensor"), recording what it really costs (stored bytes after
+zstd or rANS, plus its parameters: per-channel or per-group grids and codebooks pay for
+their size here) and what it loses (its squared error relative to its mean square, times its
 element count, times a sensitivity weight). Then:
 
 - ``--target-bpw X`` minimises the total error with the file within X bits per weight;
@@ -16,7 +19,7 @@ what one price for all tensors leaves unspent (see ``_allocate``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from numbers import Real
 from typing import NamedTuple
@@ -27,10 +30,10 @@ import torch
 
 from .encoder import encode_tensor
 from .errors import InputError
-from .format import TensorEntry
-from .policy import Policy
+from .format import TensorEntry, parameter_rows
+from .policy import Decision, Policy, granularity_for, parse_granularity
 
-__all__ = ["CANDIDATE_BITS", "allocate_bits"]
+__all__ = ["CANDIDATE_BITS", "Choice", "allocate", "candidate_granularities"]
 
 #: widths tried for each tensor
 CANDIDATE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -38,12 +41,22 @@ CANDIDATE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 _PADDING = 63
 #: preamble, header framing and metadata (an upper estimate)
 _FILE_OVERHEAD = 1024
+#: float32 parameters per parameter set of each method, at a width (a codebook may be shorter)
+_PARAMS_PER_ROW = {"uniform": lambda bits: 2, "kmeans": lambda bits: 1 << bits}
+
+
+class Choice(NamedTuple):
+    """What the allocation chose for one tensor."""
+
+    bits: int
+    granularity: str  # "tensor", "channel" or "group:G", as ``Policy.granularity`` takes it
 
 
 class _Trial(NamedTuple):
-    """One tensor encoded at one width."""
+    """One tensor encoded at one width and granularity."""
 
     bits: int
+    granularity: str
     size: int  # bytes in the file: payload, header entry and padding
     cost: float  # rel_rms^2 * numel * sensitivity weight
 
@@ -51,28 +64,30 @@ class _Trial(NamedTuple):
 class _Measured(NamedTuple):
     """What the trials found for a whole state dict."""
 
-    trials: dict[str, list[_Trial]]  # quantized tensor -> its trials, by width
+    #: quantized tensor -> its trials, one per (granularity, width) candidate in the same order
+    #: for every tensor (a granularity a tensor cannot take repeats what it falls back to)
+    trials: dict[str, list[_Trial]]
     weights: dict[str, float]  # quantized tensor -> numel * sensitivity weight
-    fixed_bytes: int  # everything the widths do not change: raw tensors, file overhead
+    fixed_bytes: int  # everything the choices do not change: raw tensors, file overhead
     elements: int  # elements of all tensors, raw ones included
 
 
 _Choice = dict[str, _Trial]
-#: columns of a trial, as the allocator's arrays hold them
+#: fields of a trial the allocator trades against each other
 _SIZE, _COST = _Trial._fields.index("size"), _Trial._fields.index("cost")
 
 
-def allocate_bits(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bpw: float | None = None,
-                  sensitivity: Mapping[str, float] | None = None, *,
-                  max_error: float | None = None) -> dict[str, int]:
-    """Bits for each tensor the policy quantizes, from ``CANDIDATE_BITS``.
+def allocate(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bpw: float | None = None,
+             sensitivity: Mapping[str, float] | None = None, *, max_error: float | None = None,
+             granularities: str | Iterable[str] | None = None) -> dict[str, Choice]:
+    """Bits (from ``CANDIDATE_BITS``) and granularity for each tensor the policy quantizes.
 
     Give exactly one of ``target_bpw`` (the least error within a file size) and ``max_error``
     (the smallest file within an error bound).
 
     Args:
         tensors: the state dict (read twice: once here, once when packing).
-        policy: the packing policy; its method, granularity and pruning are kept.
+        policy: the packing policy; its method and pruning are kept.
         target_bpw: file bytes * 8 / all elements of all tensors, at most.
         sensitivity: optional ``{name: weight}`` multiplying a tensor's error (for instance
             from :func:`qpack.measure_sensitivity`); 1 for the names it does not hold.
@@ -81,13 +96,16 @@ def allocate_bits(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bp
             RMS over its RMS (``rel_rms`` in its stats), ``n_t`` its element count and ``w_t``
             its sensitivity weight. Tensors stored losslessly are left out of the average,
             so they do not loosen the bound on the others.
+        granularities: the candidate granularities, e.g. ``("tensor", "channel", "group:64")``
+            or ``"tensor,channel,group:64"``; see :func:`candidate_granularities`. Each one
+            adds a trial encode per width to every tensor.
 
     Returns:
-        ``{name: bits}`` for every quantized tensor.
+        ``{name: Choice(bits, granularity)}`` for every quantized tensor.
 
     Raises:
         InputError: both or neither limit given, a limit that is not a positive finite
-            number, a bad sensitivity, or a limit no choice of widths meets.
+            number, a bad sensitivity or granularity, or a limit no choice meets.
     """
     if (target_bpw is None) == (max_error is None):
         raise InputError("give exactly one of target_bpw (--target-bpw) and max_error (--max-error)")
@@ -95,12 +113,38 @@ def allocate_bits(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bp
         target_bpw = _positive(target_bpw, "target bits per weight")
     else:
         max_error = _positive(max_error, "max error")
-    measured = _measure(tensors, policy, _check_sensitivity(sensitivity, tensors))
+    candidates = candidate_granularities(policy, granularities)
+    measured = _measure(tensors, policy, _check_sensitivity(sensitivity, tensors), candidates)
     if target_bpw is not None:
         choice = _least_error(measured, target_bpw)
     else:
         choice = _least_size(measured, max_error)
-    return {name: trial.bits for name, trial in choice.items()}
+    return {name: Choice(trial.bits, trial.granularity) for name, trial in choice.items()}
+
+
+def candidate_granularities(policy: Policy, granularities: str | Iterable[str] | None = None) -> tuple[str, ...]:
+    """The granularities the allocation tries, checked, without repeats.
+
+    By default the policy's own, "channel" and "tensor": per-channel grids are then used
+    where they pay for their parameters, one grid per tensor elsewhere. For k-means,
+    "channel" is tried by default only when it is the policy's: a codebook fitted per row
+    takes about 50 times as long as one per tensor, for every width tried. Groups are tried
+    only when asked, for the same reason. A granularity a tensor cannot take (channel for
+    1-D, a group as long as the tensor) means "tensor" there.
+
+    Raises:
+        InputError: an empty list or an unknown granularity.
+    """
+    if granularities is None:
+        texts: list[str] = [policy.granularity, *(["channel"] if policy.method == "uniform" else []), "tensor"]
+    else:
+        listed = granularities.split(",") if isinstance(granularities, str) else granularities
+        texts = [text.strip() for text in listed if text.strip()]
+    if not texts:
+        raise InputError("allocate granularity needs at least one of tensor, channel or group:G")
+    for text in texts:
+        parse_granularity(text)
+    return tuple(dict.fromkeys(texts))
 
 
 def _positive(value: object, what: str) -> float:
@@ -128,29 +172,55 @@ def _entry_bytes(entry: TensorEntry) -> int:
     return len(msgpack.packb(widest.to_header(), use_bin_type=True)) + _PADDING
 
 
-def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: Mapping[str, float]) -> _Measured:
-    """Encode each quantized tensor at every candidate width; size the rest once."""
+def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: Mapping[str, float],
+             granularities: tuple[str, ...]) -> _Measured:
+    """Encode each quantized tensor at every candidate; size the rest once."""
     trials: dict[str, list[_Trial]] = {}
     weights: dict[str, float] = {}
     elements, fixed_bytes = 0, _FILE_OVERHEAD
     for name, tensor in tensors.items():
         elements += tensor.numel()
         decision = policy.decide(name, tensor)
-        if decision.encoding == "raw":
+        weight = tensor.numel() * sensitivity.get(name, 1.0)
+        found = None if decision.encoding == "raw" else _trials(name, tensor, decision, granularities, weight)
+        if found is None:
             entry, stored, _ = encode_tensor(name, tensor, decision)
             fixed_bytes += len(stored) + _entry_bytes(entry)
-            continue
-        weight = tensor.numel() * sensitivity.get(name, 1.0)
-        found = []
-        for bits in CANDIDATE_BITS:
-            entry, stored, row = encode_tensor(name, tensor, replace(decision, bits=bits))
-            if entry.encoding == "raw":  # NaN or Inf: stored raw whatever the width
-                fixed_bytes += len(stored) + _entry_bytes(entry)
-                break
-            found.append(_Trial(bits, len(stored) + _entry_bytes(entry), (row.rel_rms or 0.0) ** 2 * weight))
-        if found:
+        else:
             trials[name], weights[name] = found, weight
     return _Measured(trials, weights, fixed_bytes, elements)
+
+
+def _trials(name: str, tensor: torch.Tensor, decision: Decision, granularities: tuple[str, ...],
+            weight: float) -> list[_Trial] | None:
+    """One trial per (granularity, width) candidate; None if the tensor is stored raw whatever
+    they are (it holds NaN or Inf). Only sizes and errors are kept, so memory stays one encode's.
+
+    A candidate whose parameters alone would outweigh its packed indices (per-channel 256-entry
+    codebooks on short rows, say) is not encoded: it costs more than twice what its indices do,
+    and fitting it is the slowest trial there is. Its column repeats the previous granularity's
+    trial at the same width, so every tensor keeps one column per candidate.
+    """
+    encoded: dict[tuple[int, str], _Trial] = {}
+    found: list[_Trial] = []
+    for text in granularities:
+        kind, group_size = granularity_for(text, tensor)
+        label = f"group:{group_size}" if group_size else kind
+        rows = parameter_rows(tuple(tensor.shape), kind, group_size)
+        for bits in CANDIDATE_BITS:
+            if (bits, label) not in encoded:  # a fallback repeats a trial: encode it once
+                heavy = rows * _PARAMS_PER_ROW[decision.encoding](bits) * 4 > tensor.numel() * bits / 8
+                if heavy and len(found) >= len(CANDIDATE_BITS):
+                    found.append(found[-len(CANDIDATE_BITS)])  # the previous granularity, same width
+                    continue
+                entry, stored, row = encode_tensor(name, tensor, replace(
+                    decision, bits=bits, granularity=kind, group_size=group_size))
+                if entry.encoding == "raw":
+                    return None
+                encoded[bits, label] = _Trial(bits, label, len(stored) + _entry_bytes(entry),
+                                              (row.rel_rms or 0.0) ** 2 * weight)
+            found.append(encoded[bits, label])
+    return found
 
 
 def _least_error(measured: _Measured, target_bpw: float) -> _Choice:
@@ -160,7 +230,7 @@ def _least_error(measured: _Measured, target_bpw: float) -> _Choice:
     if choice is None:
         smallest = sum(min(t.size for t in trials) for trials in measured.trials.values())
         floor = (smallest + measured.fixed_bytes) * 8 / max(measured.elements, 1)
-        raise InputError(f"--target-bpw {target_bpw:g} is below what 1-bit indices give here "
+        raise InputError(f"--target-bpw {target_bpw:g} is below what the smallest choices (1-bit indices) give here "
                          f"(about {floor:.3f} bits per weight)")
     return choice
 
@@ -171,8 +241,8 @@ def _least_size(measured: _Measured, max_error: float) -> _Choice:
     choice = _allocate(measured.trials, minimise=_SIZE, limited=_COST, limit=max_error ** 2 * total_weight)
     if choice is None:
         best = sum(min(t.cost for t in trials) for trials in measured.trials.values())
-        raise InputError(f"--max-error {max_error:g} cannot be met here: even the most accurate width "
-                         f"of each tensor ({max(CANDIDATE_BITS)} bits at most) gives an error of "
+        raise InputError(f"--max-error {max_error:g} cannot be met here: even the most accurate choice "
+                         f"for each tensor ({max(CANDIDATE_BITS)} bits at most) gives an error of "
                          f"{math.sqrt(best / total_weight):.4g}")
     return choice
 
@@ -181,12 +251,13 @@ def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, l
     """One trial per tensor: the sum of field ``minimise`` as small as found, the sum of field
     ``limited`` within ``limit``; None if even each tensor's least ``limited`` does not fit.
 
-    Arrays hold one row per tensor and one column per width, so thousands of tensors are quick.
+    Arrays hold one row per tensor and one column per candidate (the same candidates, in the
+    same order, for every tensor), so thousands of tensors are quick.
     """
     names = list(trials)
-    table = np.array([[tuple(t) for t in trials[name]] for name in names], dtype=np.float64).reshape(
-        len(names), len(CANDIDATE_BITS), len(_Trial._fields))
-    objective, resource = table[..., minimise], table[..., limited]
+    table = np.array([[(t[minimise], t[limited]) for t in trials[name]] for name in names],
+                     dtype=np.float64).reshape(len(names), -1, 2)
+    objective, resource = table[..., 0], table[..., 1]
     rows = np.arange(len(names))
 
     def choose(price: float) -> np.ndarray:
@@ -210,8 +281,8 @@ def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, l
         low, high = (low, middle) if used(choose(middle)) <= limit else (middle, high)
     # One price for all tensors leaves a gap where one tensor's step is large: the point
     # just past the price can waste much of the limit, the point just short of it misses it.
-    # So start from both, and from each single width for all tensors that fits (so the result
-    # is never worse than one of those), repair and improve each greedily, and keep the best.
+    # So start from both, and from each single candidate for all tensors that fits (so the
+    # result is never worse than one width and granularity for all), repair and improve each greedily, and keep the best.
     starts = [choose(high), choose(low)]
     uniform = (np.full(len(names), column) for column in range(table.shape[1]))
     starts += [same for same in uniform if used(same) <= limit]

@@ -92,6 +92,7 @@ def pack(
     target_bpw: float | None = None,
     max_error: float | None = None,
     sensitivity: Mapping[str, float] | None = None,
+    allocate_granularity: str | Iterable[str] | None = None,
     force: bool = False,
     metadata: Mapping[str, str] | None = None,
     trust_pickle: bool = False,
@@ -105,7 +106,8 @@ def pack(
         out_path: the .qpk file to write (atomically; see ``force``).
         bits: index width for quantized tensors, 1..16.
         method: "uniform" (min/max grid) or "kmeans" (codebook of at most 2**bits centroids).
-        granularity: "tensor" or "channel" (per output channel).
+        granularity: "tensor", "channel" (per output channel) or "group:G" (per run of G
+            elements, 16 <= G <= 65536).
         bias_bits: also quantize 1-D float tensors at this width (None keeps them raw).
         exclude: glob patterns of names kept raw.
         bit_overrides: ``{glob: bits}`` for matching tensors.
@@ -116,15 +118,20 @@ def pack(
             range widens by less than a step): zeros stay zeros, and the near-zero bulk of
             L1-trained or sparse weights lands on 0 instead of on the nearest level.
         target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused)
-            so that the file has at most this many bits per weight, with the least total
-            relative error (qpack.allocate). Each tensor is encoded at every width first.
+            and granularity (see ``allocate_granularity``) so that the file has at most this
+            many bits per weight, with the least total relative error (qpack.allocate). Each
+            tensor is encoded at every candidate first.
         max_error: instead of ``target_bpw``, choose each quantized tensor's bits (1 to 8)
-            for the smallest file whose overall relative RMS error is at most this:
+            and granularity for the smallest file whose overall relative RMS error is at most this:
             ``sqrt(sum_t s_t n_t rel_t^2 / sum_t s_t n_t)`` over the quantized tensors, with
             ``rel_t`` a tensor's ``rel_rms``, ``n_t`` its element count and ``s_t`` its
             sensitivity.
         sensitivity: with ``target_bpw`` or ``max_error``, ``{name: weight}`` scaling each
             tensor's error, e.g. from :func:`qpack.measure_sensitivity`; 1 for names it lacks.
+        allocate_granularity: with ``target_bpw`` or ``max_error``, the granularities tried
+            for each tensor ("tensor,channel,group:64" or a list of those); by default
+            ``granularity``, "channel" (uniform only: per-row k-means fits are slow) and
+            "tensor". Each one adds 8 trial encodes per tensor.
         force: overwrite an existing ``out_path``.
         metadata: extra string-to-string entries stored in the file.
         trust_pickle: allow checkpoints holding arbitrary pickled objects (runs their code).
@@ -153,17 +160,24 @@ def pack(
     else:
         checkpoint = from_mapping(source)
         provenance = {}
+    candidates: tuple[str, ...] = ()
     if target_bpw is not None or max_error is not None:
-        from .allocate import allocate_bits
+        from .allocate import allocate, candidate_granularities
 
+        candidates = candidate_granularities(policy, allocate_granularity)
         with torch_threads(1):  # trial encodes, one tensor at a time: see qpack.parallel
-            chosen = allocate_bits(checkpoint.tensors, policy, target_bpw, sensitivity, max_error=max_error)
+            chosen = allocate(checkpoint.tensors, policy, target_bpw, sensitivity, max_error=max_error,
+                              granularities=candidates)
         allocation = f"--target-bpw {target_bpw}" if max_error is None else f"--max-error {max_error}"
-        policy = dataclasses.replace(policy, bits_by_name=tuple(chosen.items()), allocation=allocation)
-    elif sensitivity is not None:
-        raise InputError("sensitivity weighs errors for target_bpw or max_error; give one of them")
+        policy = dataclasses.replace(
+            policy, bits_by_name=tuple((name, c.bits) for name, c in chosen.items()),
+            granularity_by_name=tuple((name, c.granularity) for name, c in chosen.items()), allocation=allocation)
+    elif sensitivity is not None or allocate_granularity is not None:
+        what = "sensitivity weighs errors" if sensitivity is not None else "allocate_granularity lists choices"
+        raise InputError(f"{what} for target_bpw or max_error (--target-bpw, --max-error); give one of them")
     meta = {"qpack.version": __version__, **provenance,
-            "qpack.options": json.dumps(_options(policy, target_bpw, max_error), sort_keys=True), **checkpoint.scalars}
+            "qpack.options": json.dumps(_options(policy, target_bpw, max_error, candidates), sort_keys=True),
+            **checkpoint.scalars}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InputError("metadata keys and values must be strings")
@@ -191,12 +205,15 @@ def pack(
                       time.perf_counter() - started)
 
 
-def _options(policy: Policy, target_bpw: float | None, max_error: float | None) -> dict[str, Any]:
+def _options(policy: Policy, target_bpw: float | None, max_error: float | None,
+             candidates: tuple[str, ...]) -> dict[str, Any]:
     return {"target_bpw": _float_or_none(target_bpw), "max_error": _float_or_none(max_error),
+            "allocate_granularity": list(candidates) or None,
             "bits": policy.bits, "method": policy.method, "granularity": policy.granularity,
             "bias_bits": policy.bias_bits, "exclude": list(policy.exclude),
             "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel,
-            "prune": policy.prune, "exact_zero": policy.exact_zero, "allocated_bits": dict(policy.bits_by_name) or None}
+            "prune": policy.prune, "exact_zero": policy.exact_zero, "allocated_bits": dict(policy.bits_by_name) or None,
+            "allocated_granularity": dict(policy.granularity_by_name) or None}
 
 
 def _float_or_none(value: float | None) -> float | None:

@@ -71,11 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give every grid or codebook an exact 0 level (zeros stay zeros)")
     allocation = p.add_mutually_exclusive_group()
     allocation.add_argument("--target-bpw", type=float, metavar="X",
-                            help="choose each tensor's bits (1-8) so the file has at most X bits per weight, "
-                                 "with the least total error")
+                            help="choose each tensor's bits (1-8) and granularity so the file has at most X "
+                                 "bits per weight, with the least total error")
     allocation.add_argument("--max-error", type=float, metavar="E",
-                            help="choose each tensor's bits (1-8) for the smallest file whose overall relative "
-                                 "RMS error is at most E")
+                            help="choose each tensor's bits (1-8) and granularity for the smallest file whose "
+                                 "overall relative RMS error is at most E")
+    p.add_argument("--allocate-granularity", metavar="LIST",
+                   help="with --target-bpw or --max-error: the granularities to choose from, comma-separated, "
+                        "e.g. tensor,channel,group:64 (default: --granularity, channel for uniform, and "
+                        "tensor; each one adds 8 trial encodes per tensor)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="store a metadata entry in the file (repeatable)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -218,7 +222,9 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".qpk")
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
-                      min_numel=args.min_numel, prune=args.prune, exact_zero=args.exact_zero, target_bpw=args.target_bpw, max_error=args.max_error,
+                      min_numel=args.min_numel, prune=args.prune, exact_zero=args.exact_zero,
+                      target_bpw=args.target_bpw, max_error=args.max_error,
+                      allocate_granularity=args.allocate_granularity,
                       force=args.force, metadata=_parse_meta(args.meta),
                       trust_pickle=args.trust_pickle, progress=_progress_bar(args, "packing"))
     if args.json:

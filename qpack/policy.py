@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -11,7 +12,7 @@ from .dtypes import is_float_name, name_of_dtype
 from .errors import InputError
 from .prune import check_fraction
 
-__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "parse_granularity"]
+__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "parse_granularity", "granularity_for"]
 
 METHODS = ("uniform", "kmeans")
 GRANULARITIES = ("tensor", "channel", "group:G")
@@ -68,6 +69,8 @@ class Policy:
     exact_zero: bool = False
     #: exact tensor names -> bits (what --target-bpw or --max-error chose); checked before the globs
     bits_by_name: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    #: exact tensor names -> granularity ("tensor", "channel", "group:G"), chosen the same way
+    granularity_by_name: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     #: the option that chose ``bits_by_name`` ("--max-error 0.01"), named in each tensor's reason
     allocation: str = ""
 
@@ -81,17 +84,30 @@ class Policy:
             _check_bits(f"bits for {pattern!r}", bits)
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        parse_granularity(self.granularity)
+        for text in (self.granularity, *(text for _, text in self.granularity_by_name)):
+            parse_granularity(text)
         if not isinstance(self.min_numel, int) or self.min_numel < 1:
             raise InputError(f"min_numel must be a positive integer, got {self.min_numel!r}")
 
     def decide(self, name: str, tensor: torch.Tensor) -> Decision:
         """The decision for one tensor, from its name, dtype and shape (not its values)."""
         decision = self._decide(name, tensor)
-        chosen = dict(self.bits_by_name).get(name)
-        if chosen is None or decision.encoding == "raw":
+        bits, granularity = self._allocated[0].get(name), self._allocated[1].get(name)
+        if bits is None and granularity is None or decision.encoding == "raw":
             return decision
-        return replace(decision, bits=chosen, reason=f"{decision.reason}; {self.allocation or 'allocation'} chose {chosen} bits")
+        chose = []
+        if bits is not None:
+            decision, chose = replace(decision, bits=bits), [f"{bits} bits"]
+        if granularity is not None:
+            kind, group_size = granularity_for(granularity, tensor)
+            decision = replace(decision, granularity=kind, group_size=group_size)
+            chose.append(f"{kind}:{group_size} granularity" if group_size else f"{kind} granularity")
+        return replace(decision, reason=f"{decision.reason}; {self.allocation or 'allocation'} chose {', '.join(chose)}")
+
+    @functools.cached_property
+    def _allocated(self) -> tuple[dict[str, int], dict[str, str]]:
+        # built once, not per tensor: a checkpoint may hold thousands of names
+        return dict(self.bits_by_name), dict(self.granularity_by_name)
 
     def _decide(self, name: str, tensor: torch.Tensor) -> Decision:
         dtype_name = name_of_dtype(tensor.dtype)
@@ -103,9 +119,7 @@ class Policy:
             return Decision("raw", 0, "tensor", "BatchNorm statistics")
         if tensor.numel() == 0 or tensor.dim() == 0:
             return Decision("raw", 0, "tensor", "empty or 0-d")
-        kind, group_size = parse_granularity(self.granularity)
-        if kind == "channel" and tensor.dim() < 2 or kind == "group" and tensor.numel() <= group_size:
-            kind, group_size = "tensor", 0
+        kind, group_size = granularity_for(self.granularity, tensor)
         for pattern, bits in self.bit_overrides:
             if fnmatch.fnmatchcase(name, pattern):
                 return Decision(self.method, bits, kind, f"--bits {pattern}={bits}", group_size, self.prune,
@@ -128,6 +142,18 @@ def parse_granularity(text: str) -> tuple[str, int]:
         return "group", int(size)
     raise InputError(f"unknown granularity {text!r}; choose tensor, channel or group:G "
                      f"with {MIN_GROUP} <= G <= {MAX_GROUP}")
+
+
+def granularity_for(text: str, tensor: torch.Tensor) -> tuple[str, int]:
+    """What granularity ``text`` means for this tensor: (kind, group size).
+
+    Channel needs at least 2 dims and a group must be shorter than the tensor, else the
+    tensor gets one parameter set ("tensor"), which is what those would amount to or cost more.
+    """
+    kind, group_size = parse_granularity(text)
+    if kind == "channel" and tensor.dim() < 2 or kind == "group" and tensor.numel() <= group_size:
+        return "tensor", 0
+    return kind, group_size
 
 
 def _check_bits(what: str, bits: object) -> None:

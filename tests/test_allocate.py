@@ -148,7 +148,7 @@ def random_trials(rng, tensors):
     trials = {}
     for i in range(tensors):
         numel, spread = 10 ** rng.uniform(2, 5.5), rng.uniform(0.8, 1.2, len(CANDIDATE_BITS))
-        trials[f"t{i}"] = [_Trial(b, int(numel * b / 8 * s) + 100, numel * 4.0 ** -b * rng.uniform(0.3, 3))
+        trials[f"t{i}"] = [_Trial(b, "tensor", int(numel * b / 8 * s) + 100, numel * 4.0 ** -b * rng.uniform(0.3, 3))
                            for b, s in zip(CANDIDATE_BITS, spread)]
     return trials
 
@@ -159,7 +159,8 @@ def test_allocation_is_near_the_exhaustive_optimum(minimise, limited):
     optimal, worst = 0, 0.0
     for _ in range(60):
         trials = random_trials(rng, int(rng.integers(2, 5)))
-        table = np.array(list(trials.values()))  # tensors x widths x (bits, size, cost)
+        table = np.array([[t._replace(granularity=0) for t in row] for row in trials.values()],
+                         dtype=np.float64)  # tensors x widths x (bits, granularity, size, cost)
         every = np.array(list(itertools.product(range(len(CANDIDATE_BITS)), repeat=len(trials))))
         rows = np.arange(len(trials))
         least, most = table[..., limited].min(axis=1).sum(), table[..., limited].max(axis=1).sum()
@@ -172,3 +173,91 @@ def test_allocation_is_near_the_exhaustive_optimum(minimise, limited):
         optimal += found <= best * (1 + 1e-12)
         worst = max(worst, found / best)
     assert optimal >= 50 and worst < 1.1, (optimal, worst)
+
+
+# -- granularity: per-channel parameters where they pay for their size ---------------------------
+
+def granular_state():
+    """One tensor whose rows have ranges far apart (per-row grids pay), one whose rows are
+    permutations of one row (identical ranges: per-row grids only cost).
+
+    The rows differ in their centres, not only in scale: for rows that differ only in scale,
+    one grid for the tensor is usually as good or better (at the same size), because the
+    entropy coding of its indices spends few bits on the narrow rows.
+    """
+    gen = torch.Generator().manual_seed(5)
+    centres = torch.linspace(-4, 4, 64)[torch.randperm(64, generator=gen), None]
+    shifted = torch.randn(64, 512, generator=gen) + centres
+    row = torch.randn(512, generator=gen)
+    even = row[torch.argsort(torch.rand(64, 512, generator=gen), dim=1)]
+    return {"shifted.weight": shifted, "even.weight": even}
+
+
+def granularities(report):
+    return {r.name: r.granularity for r in report.tensors if r.encoding != "raw"}
+
+
+@pytest.mark.parametrize("target", [3.0, 4.0])
+def test_channel_where_it_pays_and_never_worse_than_one_choice_for_all(tmp_path, target):
+    state = granular_state()
+    chosen = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target)
+    assert granularities(chosen) == {"shifted.weight": "channel", "even.weight": "tensor"}
+    assert "chose" in chosen.tensors[0].reason and "channel granularity" in chosen.tensors[0].reason
+    per_tensor = qpack.pack(state, tmp_path / "p.qpk", target_bpw=target, allocate_granularity="tensor")
+    assert set(granularities(per_tensor).values()) == {"tensor"}
+    assert bits_per_weight(chosen, state) <= target and bits_per_weight(per_tensor, state) <= target
+    assert weighted_error(chosen) < weighted_error(per_tensor) * 0.95
+    compared = 0
+    for bits, granularity in itertools.product(CANDIDATE_BITS, ("tensor", "channel")):
+        same = qpack.pack(state, tmp_path / "s.qpk", bits=bits, granularity=granularity, force=True)
+        if bits_per_weight(same, state) <= target - 0.1:  # the margin the header estimate keeps
+            compared += 1
+            assert weighted_error(chosen) <= weighted_error(same) * 1.0001, (bits, granularity)
+    assert compared >= 4
+
+
+def test_granularity_round_trips_through_the_command_line(tmp_path):
+    torch.save(granular_state(), tmp_path / "model.pt")
+    run("pack", "model.pt", "--target-bpw", "3", "--allocate-granularity", "tensor, channel,group:64",
+        "-o", "t.qpk", cwd=tmp_path)
+    doc = json.loads(run("info", "t.qpk", "--json", cwd=tmp_path).stdout)
+    options = json.loads(doc["metadata"]["qpack.options"])
+    assert options["allocate_granularity"] == ["tensor", "channel", "group:64"]
+    allocated = options["allocated_granularity"]
+    assert {r["name"]: r["granularity"] for r in doc["tensors"]} == {
+        name: text.partition(":")[0] for name, text in allocated.items()}
+    assert allocated["even.weight"] == "tensor" and allocated["shifted.weight"] != "tensor"
+    assert "uniform/channel" in run("info", "t.qpk", cwd=tmp_path).stdout or allocated["shifted.weight"] != "channel"
+    # each tensor decodes with its own granularity: the loaded error is the one its header states
+    loaded, original = qpack.load(tmp_path / "t.qpk"), granular_state()
+    for row in doc["tensors"]:
+        x, y = original[row["name"]], loaded[row["name"]]
+        assert float((y - x).norm() / x.norm()) == pytest.approx(row["rel_rms"], rel=1e-3)
+
+
+def test_default_candidates():
+    from qpack.allocate import candidate_granularities
+    from qpack.policy import Policy
+
+    assert candidate_granularities(Policy()) == ("tensor", "channel")
+    assert candidate_granularities(Policy(granularity="group:64")) == ("group:64", "channel", "tensor")
+    # per-row codebooks are slow to fit: tried for k-means only when asked
+    assert candidate_granularities(Policy(method="kmeans")) == ("tensor",)
+    assert candidate_granularities(Policy(method="kmeans", granularity="channel")) == ("channel", "tensor")
+    assert candidate_granularities(Policy(), " channel,,group:32 ") == ("channel", "group:32")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-bpw", "3", "--allocate-granularity", "channel,rows"], "unknown granularity 'rows'"),
+    (["--target-bpw", "3", "--allocate-granularity", "group:8"], "unknown granularity 'group:8'"),
+    (["--max-error", "0.1", "--allocate-granularity", ""], "at least one"),
+    (["--allocate-granularity", "channel"], "target_bpw or max_error"),
+])
+def test_bad_allocate_granularity_is_a_one_line_usage_error(tmp_path, capsys, args, message):
+    from qpack import cli
+
+    torch.save(granular_state(), tmp_path / "model.pt")
+    code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "t.qpk"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "t.qpk").exists()

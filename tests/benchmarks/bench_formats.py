@@ -105,9 +105,12 @@ FORMATS = [
     Format("qpack-u5-ch", "qpack uniform 5b/ch", "qpack", ".qpk",
            {"bits": 5, "method": "uniform", "granularity": "channel"}),
     Format("qpack-t4.53-ch", "qpack target 4.53/ch", "qpack", ".qpk",
-           {"target_bpw": 4.53, "method": "uniform", "granularity": "channel"}),
+           {"target_bpw": 4.53, "method": "uniform", "granularity": "channel", "allocate_granularity": "channel"}),
     Format("qpack-t5.03-ch", "qpack target 5.03/ch", "qpack", ".qpk",
-           {"target_bpw": 5.03, "method": "uniform", "granularity": "channel"}),
+           {"target_bpw": 5.03, "method": "uniform", "granularity": "channel", "allocate_granularity": "channel"}),
+    # the same targets with each tensor's granularity chosen too (channel or tensor)
+    Format("qpack-t4.53", "qpack target 4.53", "qpack", ".qpk", {"target_bpw": 4.53, "method": "uniform"}),
+    Format("qpack-t5.03", "qpack target 5.03", "qpack", ".qpk", {"target_bpw": 5.03, "method": "uniform"}),
 ]
 FORMATS_BY_KEY = {f.key: f for f in FORMATS}
 _MODULE_OF_FAMILY = {"torch": "torch", "safetensors": "safetensors", "gguf": "gguf", "qpack": "qpack"}
