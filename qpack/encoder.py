@@ -31,7 +31,7 @@ BLOCK_ELEMENTS = 1 << 21
 UNIQUE_LIMIT = 1 << 24
 ZSTD_LEVEL = 3
 #: rANS is chosen only when it saves at least this share of the best zstd form
-RANS_MIN_SAVING = 0.01
+RANS_MIN_SAVING = {"auto": 0.05, "always": 0.0}
 _local = threading.local()
 
 
@@ -112,7 +112,7 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
     row_length = group_size or None
     params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=bool(decision.prune) or decision.exact_zero)
     indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length)
-    width, compression, stored = _store_indices(indices, bits, counts)
+    width, compression, stored = _store_indices(indices, bits, counts, decision.rans)
     entry = TensorEntry(name, dtype, shape, decision.encoding, bits, decision.granularity,
                         _params_to_header(params), compression=compression,
                         raw_length=expected_raw_length(dtype, shape, decision.encoding, width),
@@ -155,24 +155,28 @@ def container_width(bits: int) -> int:
     return next(w for w in (1, 2, 4, 8, 16) if w >= bits)
 
 
-def _store_indices(indices: torch.Tensor, bits: int, counts: np.ndarray) -> tuple[int, str, memoryview | bytes]:
+def _store_indices(indices: torch.Tensor, bits: int, counts: np.ndarray,
+                   rans_mode: str = "auto") -> tuple[int, str, memoryview | bytes]:
     """The smallest stored form of the indices: packed at ``bits`` or in a byte-friendly
     container (each zstd-compressed when that helps), or rANS-coded.
 
     zstd models bytes: indices that straddle byte boundaries (3, 5, 6, 7, 9-15 bits) hide
     their skewed distribution from it, while a container of 4, 8 or 16 bits exposes it. It
     still stays well above the entropy on very skewed indices (trained or pruned weights),
-    which rANS codes to within about 1 %. rANS decodes slower than unpacking, so it is only
-    used when it saves at least RANS_MIN_SAVING of the best zstd form; its size is known
-    from the counts before anything is coded.
+    which rANS codes to within about 1 %. rANS decodes about 10x slower than unpacking, so
+    by default ("auto") it is only used when it saves at least 5 % of the best zstd form
+    ("always": any saving; "never": not at all); its size is known from the counts before
+    anything is coded.
     """
     candidates = []
     for width in sorted({bits, container_width(bits)}):
         compression, stored = compress(memoryview(_pack(indices, width)))
         candidates.append((len(stored), width, compression, stored))
     best = min(candidates, key=lambda c: (c[0], c[1]))
+    if rans_mode == "never":
+        return best[1], best[2], best[3]
     estimate = rans.encoded_size(indices.numel(), counts)
-    if estimate is not None and estimate < best[0] * (1 - RANS_MIN_SAVING):
+    if estimate is not None and estimate < best[0] * (1 - RANS_MIN_SAVING[rans_mode]):
         coded = rans.encode(indices.numpy(), counts)
         if coded is not None and len(coded) < min(best[0], packed_size(indices.numel(), bits)):
             return bits, "rans", coded

@@ -12,7 +12,6 @@ import torch
 
 import qpack
 from qpack import FormatError, QpkReader, rans
-from qpack import encoder as encoder_module
 from test_reader_rules import assemble, index_of, json_copy, lay_out, rejects, split
 
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "qpk-format.md"
@@ -151,7 +150,7 @@ def skewed_weights() -> dict[str, torch.Tensor]:
     return {"fc.weight": laplace, "uniform.weight": torch.rand(64, 64, generator=gen)}
 
 
-def test_writer_codes_skewed_indices_and_marks_version_2(tmp_path, skewed_weights, monkeypatch):
+def test_writer_codes_skewed_indices_and_marks_version_2(tmp_path, skewed_weights):
     # 5-bit uniform: Laplace weights use the middle levels far more than the outer ones
     qpack.pack(skewed_weights, tmp_path / "coded.qpk", bits=5)
     with QpkReader(tmp_path / "coded.qpk") as reader:
@@ -159,8 +158,7 @@ def test_writer_codes_skewed_indices_and_marks_version_2(tmp_path, skewed_weight
         assert reader.entry("fc.weight").compression == "rans"
         assert reader.entry("uniform.weight").compression != "rans"  # flat: nothing to gain
         coded_length = reader.entry("fc.weight").length
-    monkeypatch.setattr(encoder_module, "RANS_MIN_SAVING", 1.0)  # rANS never pays
-    qpack.pack(skewed_weights, tmp_path / "plain.qpk", bits=5)
+    qpack.pack(skewed_weights, tmp_path / "plain.qpk", bits=5, rans="never")
     with QpkReader(tmp_path / "plain.qpk") as reader:
         assert reader.version == 1 and reader.entry("fc.weight").compression != "rans"
         assert coded_length < 0.98 * reader.entry("fc.weight").length
@@ -231,3 +229,19 @@ def test_rans_file_loads_on_cuda_bit_identical(tmp_path, skewed_weights):
     cpu, gpu = qpack.load(tmp_path / "coded.qpk"), qpack.load(tmp_path / "coded.qpk", device="cuda")
     for name in cpu:
         assert gpu[name].is_cuda and torch.equal(gpu[name].cpu(), cpu[name])
+
+
+def test_rans_modes(tmp_path, skewed_weights):
+    weights = {"fc.weight": skewed_weights["fc.weight"]}
+    payload = {}
+    for mode in ("never", "auto", "always"):
+        qpack.pack(weights, tmp_path / f"{mode}.qpk", bits=5, granularity="channel", rans=mode)
+        with QpkReader(tmp_path / f"{mode}.qpk") as reader:
+            entry = reader.entry("fc.weight")
+            assert (reader.version == 2) == (entry.compression == "rans")
+            payload[mode] = (entry.compression, entry.length)
+    # per-row 5-bit Laplace indices: rANS saves under 5 % over zstd, so only "always" uses it
+    assert payload["never"][0] != "rans" and payload["auto"] == payload["never"]
+    assert payload["always"][0] == "rans" and payload["always"][1] < payload["never"][1]
+    with pytest.raises(qpack.InputError, match="rans mode"):
+        qpack.pack(weights, tmp_path / "bad.qpk", rans="sometimes")

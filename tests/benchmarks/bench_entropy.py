@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import qpack  # noqa: E402
-from qpack import encoder  # noqa: E402
 from qpack.bitpack import unpack_bits  # noqa: E402
 from qpack.encoder import _pack, compress  # noqa: E402
 
@@ -50,12 +49,8 @@ def measure(state: dict, path: Path, method: str, bits: int, prune: float | None
     """One packing: n*H of every quantized tensor's indices against what qpack stores (rANS
     allowed), what the zstd forms alone give (rANS switched off) and plain packing + zstd."""
     sizes = {}
-    for label, saving in (("stored", encoder.RANS_MIN_SAVING), ("zstd", 1.0)):
-        encoder.RANS_MIN_SAVING, kept = saving, encoder.RANS_MIN_SAVING
-        try:
-            qpack.pack(state, path, bits=bits, method=method, prune=prune, force=True)
-        finally:
-            encoder.RANS_MIN_SAVING = kept
+    for label, mode in (("stored", "auto"), ("zstd", "never")):
+        qpack.pack(state, path, bits=bits, method=method, prune=prune, rans=mode, force=True)
         total_h = stored = packed_only = coded_h = coded_body = 0.0
         coded = tensors = 0
         with qpack.QpkReader(path) as reader:
