@@ -120,7 +120,8 @@ def pack(
             L1-trained or sparse weights lands on 0 instead of on the nearest level.
         rans: when indices are rANS-coded (spec 4.1): "auto" when that saves at least 5 %
             over zstd, "always" when it saves anything, "never" (version-1 files that load
-            at unpacking speed; rANS decodes at about 50 M indices/s per core).
+            at unpacking speed; rANS decodes at 20-140 M indices/s per core, more for larger
+            tensors).
         target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused)
             and granularity (see ``allocate_granularity``) so that the file has at most this
             many bits per weight, with the least total relative error (qpack.allocate). Each

@@ -178,7 +178,9 @@ def _store_indices(indices: torch.Tensor, bits: int, counts: np.ndarray,
     estimate = rans.encoded_size(indices.numel(), counts)
     if estimate is not None and estimate < best[0] * (1 - RANS_MIN_SAVING[rans_mode]):
         coded = rans.encode(indices.numpy(), counts)
-        if coded is not None and len(coded) < min(best[0], packed_size(indices.numel(), bits)):
+        # best[0] is at most the packed size (the width-`bits` candidate is stored raw when
+        # zstd does not help), so a smaller coding also meets R15's length < raw_length
+        if coded is not None and len(coded) < best[0]:
             return bits, "rans", coded
     _, width, compression, stored = best
     return width, compression, stored

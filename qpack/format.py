@@ -333,7 +333,7 @@ def _short(value: Any) -> str:
 
 
 def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMITS, *,
-                 version: int = RANS_VERSION) -> tuple[list[TensorEntry], dict[str, str]]:
+                 version: int) -> tuple[list[TensorEntry], dict[str, str]]:
     """Validate header bytes (R5-R16, all but R16's file-size check) and build the entries.
 
     Args:

@@ -62,7 +62,8 @@ class Policy:
         rans: "auto" codes a tensor's indices with rANS when that saves at least 5 % over
             the best zstd form (skewed indices: trained, L1-regularised, pruned weights),
             "always" whenever it is smaller at all, "never" not at all (files stay version 1
-            and load at unpacking speed; rANS decodes at about 50 M indices/s per core).
+            and load at unpacking speed; rANS decodes at 20-140 M indices/s per core, more for
+            larger tensors).
     """
 
     bits: int = 8
@@ -102,10 +103,11 @@ class Policy:
     def decide(self, name: str, tensor: torch.Tensor) -> Decision:
         """The decision for one tensor, from its name, dtype and shape (not its values)."""
         decision = self._decide(name, tensor)
-        if self.rans != "auto" and decision.encoding != "raw":
-            decision = replace(decision, rans=self.rans)
+        if decision.encoding == "raw":
+            return decision
+        decision = replace(decision, exact_zero=self.exact_zero, rans=self.rans)  # codec options, for every quantized tensor
         bits, granularity = self._allocated[0].get(name), self._allocated[1].get(name)
-        if bits is None and granularity is None or decision.encoding == "raw":
+        if bits is None and granularity is None:
             return decision
         chose = []
         if bits is not None:
@@ -134,14 +136,13 @@ class Policy:
         kind, group_size = granularity_for(self.granularity, tensor)
         for pattern, bits in self.bit_overrides:
             if fnmatch.fnmatchcase(name, pattern):
-                return Decision(self.method, bits, kind, f"--bits {pattern}={bits}", group_size, self.prune,
-                                self.exact_zero)
+                return Decision(self.method, bits, kind, f"--bits {pattern}={bits}", group_size, self.prune)
         if tensor.dim() >= 2:
             if tensor.numel() < self.min_numel:
                 return Decision("raw", 0, "tensor", f"small (< {self.min_numel} elements)")
-            return Decision(self.method, self.bits, kind, "weight", group_size, self.prune, self.exact_zero)
+            return Decision(self.method, self.bits, kind, "weight", group_size, self.prune)
         if self.bias_bits is not None:
-            return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)", exact_zero=self.exact_zero)
+            return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)")
         return Decision("raw", 0, "tensor", "1-D (bias or norm)")
 
 

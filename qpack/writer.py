@@ -117,11 +117,12 @@ class QpkWriter:
         if len(header) > DEFAULT_LIMITS.max_header_bytes:
             raise InputError(f"the header would be {len(header)} bytes, more than a .qpk file allows "
                              f"({DEFAULT_LIMITS.max_header_bytes}); too many tensors or metadata")
+        version = version_for(self.entries)
         try:
-            parse_header(header, zlib.crc32(header), version=version_for(self.entries))
+            parse_header(header, zlib.crc32(header), version=version)
         except FormatError as exc:
             raise InputError(f"cannot write {self.path}: {exc}") from None
-        head = pack_preamble(header, version_for(self.entries)) + header
+        head = pack_preamble(header, version) + header
         head += _ZEROS[: align(len(head)) - len(head)]
         assert len(head) == align(PREAMBLE_SIZE + len(header))
         with _naming_errors(self.path), atomic_output(self.path, self.overwrite) as out:
