@@ -102,8 +102,8 @@ def test_train_with_the_seed_recipe_learns() -> None:
 
 
 def _small_mnist() -> DemoData:
-    if not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"the real MNIST test set is not at {REAL_MNIST}")
+    if not (REAL_MNIST / "train-images-idx3-ubyte").is_file():
+        pytest.skip(f"the real MNIST training set is not at {REAL_MNIST}")
     return load_demo_data(REAL_MNIST).subset(600, 400)
 
 
@@ -230,8 +230,8 @@ def test_results_record_the_data_and_the_table(small_run: SmallRun) -> None:
     _, _, results, lines = small_run
     assert results["format"] == 2
     assert results["data"]["source"] == "mnist"
-    assert results["data"]["train"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 0, "stop": 600, "count": 600}
-    assert results["data"]["eval"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 8000, "stop": 8400, "count": 400}
+    assert results["data"]["train"] == {"file": "train-images-idx3-ubyte", "start": 0, "stop": 600, "count": 600}
+    assert results["data"]["eval"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 0, "stop": 400, "count": 400}
     assert results["models"]["seed"]["parameters"] == SEED_PARAMETER_COUNT
     assert results["models"]["lenet300"]["parameters"] == LENET300_PARAMETER_COUNT
     assert results["models"]["lenet5"]["parameters"] == LENET5_PARAMETER_COUNT
@@ -248,7 +248,7 @@ def test_results_record_the_data_and_the_table(small_run: SmallRun) -> None:
     assert sum(line.startswith("pruned variants: the smallest weights") for line in table) == 3
     assert any(line.startswith("  pruned ") and "fc1 98%, fc2 90%, fc3 30%" in line for line in table)
     assert any(line.startswith("goal: at least 40x") for line in table)
-    assert "[8000:8400]" in lines[0]
+    assert "train-images-idx3-ubyte[0:600]" in lines[0] and "t10k-images-idx3-ubyte.gz[0:400]" in lines[0]
     assert any("sweep" in line for line in lines)
 
 

@@ -112,12 +112,33 @@ def test_missing_idx_file(tmp_path: Path) -> None:
 
 def test_real_files_match_published_checksums(real_dir: Path) -> None:
     found = find_mnist_files(real_dir)
-    assert set(found) == {"test"}  # the training set is not on these machines
-    for kind, spec in MNIST_FILES["test"].items():
-        path = found["test"][kind]
-        assert path.name == f"{spec.name}.gz"
+    assert set(found) <= {"train", "test"} and "test" in found
+    for split, paths in found.items():
+        for kind, spec in MNIST_FILES[split].items():
+            path = paths[kind]
+            verify_mnist_file(path, spec)
+            digest = hashlib.md5(path.read_bytes()).hexdigest()
+            assert digest == (spec.gz_md5 if path.name.endswith(".gz") else spec.raw_md5)
+
+
+def test_real_training_set(real_dir: Path) -> None:
+    found = find_mnist_files(real_dir)
+    if "train" not in found:
+        pytest.skip(f"the MNIST training set is not at {real_dir}")
+    images, labels = read_mnist(found["train"], "train")
+    assert images.shape == (60_000, 28, 28) and labels.shape == (60_000,)
+    assert labels[:5].tolist() == [5, 0, 4, 1, 9]
+    data = load_mnist_folder(real_dir)
+    assert data.info["train"] == {"file": found["train"]["images"].name, "start": 0, "stop": 60_000, "count": 60_000}
+    assert data.info["eval"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 0, "stop": 10_000, "count": 10_000}
+
+
+def test_uncompressed_file_with_wrong_md5_is_rejected(tmp_path: Path) -> None:
+    spec = MNIST_FILES["test"]["labels"]
+    path = tmp_path / spec.name
+    path.write_bytes(bytes(spec.raw_bytes))
+    with pytest.raises(InputError, match=f"expected {spec.raw_md5}"):
         verify_mnist_file(path, spec)
-        assert hashlib.md5(path.read_bytes()).hexdigest() == spec.gz_md5
 
 
 def test_read_real_test_set(real_dir: Path) -> None:
@@ -129,9 +150,19 @@ def test_read_real_test_set(real_dir: Path) -> None:
     assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
 
-def test_folder_without_training_set_splits_test_set(real_dir: Path) -> None:
+def _test_set_only(real_dir: Path, folder: Path) -> Path:
+    """A folder holding the real test set and no training set."""
+    folder.mkdir()
+    for spec in MNIST_FILES["test"].values():
+        (folder / f"{spec.name}.gz").symlink_to(real_dir / f"{spec.name}.gz")
+    return folder
+
+
+def test_folder_without_training_set_splits_test_set(real_dir: Path, tmp_path: Path) -> None:
     lines: list[str] = []
-    data = load_mnist_folder(real_dir, log=lines.append)
+    folder = _test_set_only(real_dir, tmp_path / "test-only")
+    assert set(find_mnist_files(folder)) == {"test"}
+    data = load_mnist_folder(folder, log=lines.append)
     assert data.train_x.shape == (8000, 1, 28, 28) and data.eval_x.shape == (2000, 1, 28, 28)
     assert data.train_x.dtype == torch.float32 and 0 <= data.train_x.min() and data.train_x.max() == 1
     assert data.info["train"] == {"file": "t10k-images-idx3-ubyte.gz", "start": 0, "stop": 8000, "count": 8000}
@@ -139,8 +170,11 @@ def test_folder_without_training_set_splits_test_set(real_dir: Path) -> None:
     assert "first 8000 test images" in lines[0] and "--split-test" in lines[0]
     assert "[8000:10000]" in data.info["description"]
 
-    data = load_mnist_folder(real_dir, split_test=9500, log=lines.append)
+    data = load_mnist_folder(folder, split_test=9500, log=lines.append)
     assert len(data.train_y) == 9500 and len(data.eval_y) == 500 and len(lines) == 1
+    # with the training set there, --split-test still splits the test set, and says nothing
+    data = load_mnist_folder(real_dir, split_test=9500, log=lines.append)
+    assert data.info["train"]["file"] == "t10k-images-idx3-ubyte.gz" and len(data.train_y) == 9500 and len(lines) == 1
 
 
 def test_torchvision_layout_and_uncompressed_files(real_dir: Path, tmp_path: Path) -> None:
@@ -228,7 +262,9 @@ def _fake_mnist(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
             raw = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
             blob = gzip.compress(raw, mtime=0)
             blobs[f"{name}.gz"] = blob
-            files[split][kind] = MnistFile(name, len(blob), hashlib.md5(blob).hexdigest(), count, kind)
+            files[split][kind] = MnistFile(
+                name, len(blob), hashlib.md5(blob).hexdigest(), count, kind, hashlib.md5(raw).hexdigest()
+            )
     monkeypatch.setattr(mnist, "MNIST_FILES", files)
     return blobs
 

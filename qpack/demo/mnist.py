@@ -92,6 +92,7 @@ class MnistFile:
         gz_md5: md5 of the published ``.gz`` file.
         count: number of images or labels in it.
         kind: ``"images"`` or ``"labels"``.
+        raw_md5: md5 of the uncompressed IDX file.
     """
 
     name: str
@@ -99,6 +100,7 @@ class MnistFile:
     gz_md5: str
     count: int
     kind: str
+    raw_md5: str
 
     @property
     def raw_bytes(self) -> int:
@@ -112,18 +114,38 @@ class MnistFile:
 MNIST_FILES: dict[str, dict[str, MnistFile]] = {
     "train": {
         "images": MnistFile(
-            "train-images-idx3-ubyte", 9_912_422, "f68b3c2dcbeaaa9fbdd348bbdeb94873", 60_000, "images"
+            "train-images-idx3-ubyte",
+            9_912_422,
+            "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            60_000,
+            "images",
+            "6bbc9ace898e44ae57da46a324031adb",
         ),
         "labels": MnistFile(
-            "train-labels-idx1-ubyte", 28_881, "d53e105ee54ea40749a09fcbcd1e9432", 60_000, "labels"
+            "train-labels-idx1-ubyte",
+            28_881,
+            "d53e105ee54ea40749a09fcbcd1e9432",
+            60_000,
+            "labels",
+            "a25bea736e30d166cdddb491f175f624",
         ),
     },
     "test": {
         "images": MnistFile(
-            "t10k-images-idx3-ubyte", 1_648_877, "9fb629c4189551a2d022fa330f9573f3", 10_000, "images"
+            "t10k-images-idx3-ubyte",
+            1_648_877,
+            "9fb629c4189551a2d022fa330f9573f3",
+            10_000,
+            "images",
+            "2646ac647ad5339dbf082846283269ea",
         ),
         "labels": MnistFile(
-            "t10k-labels-idx1-ubyte", 4_542, "ec29112dd5afa0611ce80d1b7f02629c", 10_000, "labels"
+            "t10k-labels-idx1-ubyte",
+            4_542,
+            "ec29112dd5afa0611ce80d1b7f02629c",
+            10_000,
+            "labels",
+            "27ae3e4e09519cfbb04c329615203637",
         ),
     },
 }
@@ -269,7 +291,7 @@ def _md5(path: Path) -> str:
 
 
 def verify_mnist_file(path: str | os.PathLike[str], spec: MnistFile) -> None:
-    """Check a MNIST file's size, and for the ``.gz`` form its md5, against the published ones.
+    """Check a MNIST file's size and md5 against the published ones (``.gz`` or uncompressed).
 
     Args:
         path: the file (``NAME.gz`` or the uncompressed ``NAME``).
@@ -287,12 +309,12 @@ def verify_mnist_file(path: str | os.PathLike[str], spec: MnistFile) -> None:
             f"{path}: {size} bytes, expected {expected} for {spec.name}{'.gz' if gz else ''}; "
             "the file is incomplete or not the published MNIST file"
         )
-    if gz:
-        md5 = _md5(path)
-        if md5 != spec.gz_md5:
-            raise InputError(
-                f"{path}: md5 {md5}, expected {spec.gz_md5}; the file is damaged or not the published MNIST file"
-            )
+    md5 = _md5(path)
+    expected_md5 = spec.gz_md5 if gz else spec.raw_md5
+    if md5 != expected_md5:
+        raise InputError(
+            f"{path}: md5 {md5}, expected {expected_md5}; the file is damaged or not the published MNIST file"
+        )
 
 
 def read_mnist(paths: dict[str, Path], split: str, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
