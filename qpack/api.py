@@ -22,7 +22,7 @@ from .checkpoint import from_mapping
 from .dtypes import itemsize
 from .encoder import TensorReport, encode_tensor, error_energy, snr_db, storage_of
 from .errors import InputError
-from .format import MAGIC, TensorEntry
+from .format import MAGIC, TensorEntry, param_values
 from .parallel import default_workers, ordered_map, torch_threads
 from .policy import Policy
 from .reader import QpkReader, decode_payload
@@ -90,6 +90,7 @@ def pack(
     prune: float | None = None,
     exact_zero: bool = False,
     rans: str = "auto",
+    param_dtype: str = "auto",
     target_bpw: float | None = None,
     max_error: float | None = None,
     sensitivity: Mapping[str, float] | None = None,
@@ -119,9 +120,12 @@ def pack(
             range widens by less than a step): zeros stay zeros, and the near-zero bulk of
             L1-trained or sparse weights lands on 0 instead of on the nearest level.
         rans: when indices are rANS-coded (spec 4.1): "auto" when that saves at least 5 %
-            over zstd, "always" when it saves anything, "never" (version-1 files that load
-            at unpacking speed; rANS decodes at 20-140 M indices/s per core, more for larger
+            over zstd, "always" when it saves anything, "never" (files that load at
+            unpacking speed; rANS decodes at 20-140 M indices/s per core, more for larger
             tensors).
+        param_dtype: element type of stored min/max and codebooks: "float32", "float16" or
+            "auto" (float16 for group granularity, float32 otherwise); see
+            :class:`qpack.Policy`.
         target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused)
             and granularity (see ``allocate_granularity``) so that the file has at most this
             many bits per weight, with the least total relative error (qpack.allocate). Each
@@ -154,7 +158,8 @@ def pack(
     started = time.perf_counter()
     policy = Policy(bits=bits, method=method, granularity=granularity, bias_bits=bias_bits,
                     exclude=tuple(exclude), bit_overrides=tuple((bit_overrides or {}).items()),
-                    min_numel=min_numel, prune=prune, exact_zero=exact_zero, rans=rans)
+                    min_numel=min_numel, prune=prune, exact_zero=exact_zero, rans=rans,
+                    param_dtype=param_dtype)
     out_path = Path(out_path)
     check_output_path(out_path, force)
     if isinstance(source, (str, os.PathLike)):
@@ -217,7 +222,7 @@ def _options(policy: Policy, target_bpw: float | None, max_error: float | None,
             "bits": policy.bits, "method": policy.method, "granularity": policy.granularity,
             "bias_bits": policy.bias_bits, "exclude": list(policy.exclude),
             "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel,
-            "prune": policy.prune, "exact_zero": policy.exact_zero, "rans": policy.rans, "allocated_bits": dict(policy.bits_by_name) or None,
+            "prune": policy.prune, "exact_zero": policy.exact_zero, "rans": policy.rans, "param_dtype": policy.param_dtype, "allocated_bits": dict(policy.bits_by_name) or None,
             "allocated_granularity": dict(policy.granularity_by_name) or None}
 
 
@@ -332,7 +337,7 @@ def info(path: str | os.PathLike[str]) -> PackReport:
                 entry.granularity, entry.numel * itemsize(entry.dtype), entry.length,
                 _int_or_none(stats.get("unique_before")), _int_or_none(stats.get("unique_after")),
                 stats.get("rel_rms"), stats.get("snr_db"), params=_header_params(entry),
-                storage=storage_of(entry)))
+                storage=storage_of(entry), param_dtype=entry.param_dtype if entry.encoding != "raw" else None))
         size = os.path.getsize(path)
         original = sum(r.original_bytes for r in rows)
         return PackReport(str(path), rows, size, original, metadata=dict(reader.metadata))
@@ -346,7 +351,7 @@ def _header_params(entry: TensorEntry) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in entry.params.items():
         if isinstance(value, bytes):
-            array = np.frombuffer(value, dtype="<f4")
+            array = param_values(entry, key)
             out[key] = array.tolist() if array.size <= 4096 else f"{array.size} values"
         else:
             out[key] = value

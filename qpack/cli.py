@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give every grid or codebook an exact 0 level (zeros stay zeros)")
     p.add_argument("--rans", choices=["auto", "always", "never"], default="auto",
                    help="entropy-code indices with rANS: auto (when it saves 5 %%), always (when smaller), "
-                        "never (faster loading, version-1 files)")
+                        "never (faster loading)")
+    p.add_argument("--param-dtype", choices=["auto", "float32", "float16"], default="auto",
+                   help="stored min/max and codebooks: float16 halves their bytes (1 bit per weight at "
+                        "group:32); auto: float16 for group granularity, float32 otherwise")
     allocation = p.add_mutually_exclusive_group()
     allocation.add_argument("--target-bpw", type=float, metavar="X",
                             help="choose each tensor's bits (1-8) and granularity so the file has at most X "
@@ -226,6 +229,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
                       min_numel=args.min_numel, prune=args.prune, exact_zero=args.exact_zero, rans=args.rans,
+                      param_dtype=args.param_dtype,
                       target_bpw=args.target_bpw, max_error=args.max_error,
                       allocate_granularity=args.allocate_granularity,
                       force=args.force, metadata=_parse_meta(args.meta),

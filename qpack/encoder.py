@@ -19,7 +19,7 @@ import zstandard
 from . import codecs, rans
 from .bitpack import pack_bits, packed_size
 from .dtypes import itemsize, name_of_dtype
-from .format import TensorEntry, expected_raw_length, parameter_rows
+from .format import PARAM_DTYPES, TensorEntry, expected_raw_length, parameter_rows
 from .policy import Decision
 from .prune import prune_smallest
 
@@ -53,8 +53,11 @@ class TensorReport:
     snr_db: float | None = None
     reason: str = ""
     params: dict[str, Any] = field(default_factory=dict)
-    #: how the payload is stored: "none", "zstd" or "rans", with "/wN" for an N-bit container
+    #: how the payload is stored: "none", "zstd", "zstd_planes" or "rans", with "/wN" for an
+    #: N-bit container
     storage: str = ""
+    #: element type of the stored parameters (quantized tensors): "float32" or "float16"
+    param_dtype: str | None = None
 
 
 def _compressor() -> zstandard.ZstdCompressor:
@@ -66,13 +69,22 @@ def _compressor() -> zstandard.ZstdCompressor:
     return cctx
 
 
-def compress(raw: memoryview) -> tuple[str, memoryview | bytes]:
-    """The stored form of a payload: zstd when that is smaller, else the bytes as they are."""
+def compress(raw: memoryview, itemsize: int = 1) -> tuple[str, memoryview | bytes]:
+    """The stored form of a payload: zstd when that is smaller, else the bytes as they are.
+
+    With ``itemsize`` >= 2 (a raw tensor's elements), zstd of the byte planes (spec 2.2,
+    "zstd_planes") is tried as well and kept when it is smaller still.
+    """
+    best: tuple[str, memoryview | bytes] = ("none", raw)
     if len(raw) > 64:
         compressed = _compressor().compress(raw)
         if len(compressed) < len(raw):
-            return "zstd", compressed
-    return "none", raw
+            best = ("zstd", compressed)
+        if itemsize >= 2:
+            planar = _compressor().compress(codecs.raw.split_planes(raw, itemsize))
+            if len(planar) < len(best[1]):
+                best = ("zstd_planes", planar)
+    return best
 
 
 def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[TensorEntry, memoryview | bytes, TensorReport]:
@@ -98,7 +110,7 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
         entry = TensorEntry(name, dtype, shape, "raw", 0, "tensor", {},
                             raw_length=expected_raw_length(dtype, shape, "raw", 0))
         row.rel_rms = 0.0
-        entry.compression, stored = compress(codecs.raw.encode(tensor))
+        entry.compression, stored = compress(codecs.raw.encode(tensor), itemsize(dtype))
         row.storage = storage_of(entry)
         return entry, stored, row
 
@@ -110,13 +122,20 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
         row.reason += f", {pruned:,} smallest pruned to 0"
     rows = parameter_rows(shape, decision.granularity, group_size)
     row_length = group_size or None
-    params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=bool(decision.prune) or decision.exact_zero)
+    keep_zero = bool(decision.prune) or decision.exact_zero
+    params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=keep_zero)
+    param_dtype = "float32"
+    if decision.param_dtype == "float16" and not keep_zero:  # an exact zero needs float32's min and step
+        half = codec.as_float16(params)
+        if half is not None:
+            params, param_dtype = half, "float16"
     indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length)
     width, compression, stored = _store_indices(indices, bits, counts, decision.rans)
     entry = TensorEntry(name, dtype, shape, decision.encoding, bits, decision.granularity,
-                        _params_to_header(params), compression=compression,
+                        _params_to_header(params, param_dtype), compression=compression,
                         raw_length=expected_raw_length(dtype, shape, decision.encoding, width),
-                        width=width, group_size=group_size)
+                        width=width, group_size=group_size, param_dtype=param_dtype)
+    row.param_dtype = param_dtype
     row.unique_before = count_distinct(original) if original.numel() <= UNIQUE_LIMIT else None
     row.unique_after = int(np.count_nonzero(counts))
     # rounded so that summation order (BLAS, thread count) cannot change the file's bytes
@@ -249,10 +268,12 @@ def _quantize_blocks(codec: Any, tensor: torch.Tensor, original: torch.Tensor, p
     return indices, counts, signal, noise
 
 
-def _params_to_header(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _params_to_header(params: dict[str, torch.Tensor], param_dtype: str = "float32") -> dict[str, Any]:
     out: dict[str, Any] = {}
+    code = PARAM_DTYPES[param_dtype]
     for key, value in params.items():
-        out[key] = value.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+        # float16: the values are float16 values already (codec.as_float16), so this is exact
+        out[key] = value.to(torch.float32).contiguous().numpy().astype(code).tobytes()
     if "codebook" in params:
         out["codebook_size"] = int(params["codebook"].shape[-1])
     return out

@@ -1,4 +1,4 @@
-"""The .qpk container, versions 1 and 2: constants, the header schema and its validation.
+"""The .qpk container, versions 1 to 3: constants, the header schema and its validation.
 
 specs/qpk-format.md is the source of truth; every check below names the reader rule
 (R1..R21) it enforces. Nothing here touches payload bytes: ``parse_header`` turns header
@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import zstandard
 
 from .dtypes import DTYPES, is_float_name
 from .errors import ChecksumError, FormatError, UnsupportedVersionError
@@ -37,14 +38,22 @@ __all__ = [
     "layout_offsets",
     "name_problem",
     "metadata_problem",
+    "encode_header",
+    "fixed_bytes",
+    "param_values",
 ]
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
-VERSION = 1
-#: version 2 adds rANS-coded indices; a file is version 2 only when it uses them
+#: the version qpack writes (spec section 6): compact, compressed header, float16 parameters,
+#: byte planes; versions 1 and 2 are read, and written only when asked (QpkWriter(version=))
+VERSION = 3
+#: version 2 adds rANS-coded indices; a version-2 file is one that uses them
 RANS_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
-PREAMBLE = struct.Struct("<8sIIII")  # magic, version, header length, header crc32, reserved
+#: version 3: compact entries, zstd header, param_dtype, compression "zstd_planes"
+COMPACT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
+# magic, version, header length, header crc32, reserved (v1, v2) / header raw length U (v3)
+PREAMBLE = struct.Struct("<8sIIII")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
 
@@ -52,11 +61,24 @@ ENCODINGS = ("raw", "uniform", "kmeans")
 GRANULARITIES = ("tensor", "channel", "group")
 #: R12: group sizes a reader accepts
 MIN_GROUP, MAX_GROUP = 16, 65536
-COMPRESSIONS = ("none", "zstd", "rans")
+COMPRESSIONS = ("none", "zstd", "rans", "zstd_planes")
+#: the compression each version introduced (R15)
+COMPRESSION_VERSION = {"none": 1, "zstd": 1, "rans": RANS_VERSION, "zstd_planes": COMPACT_VERSION}
+#: parameter element types (R13): float16 from version 3 on
+PARAM_DTYPES = {"float32": "<f4", "float16": "<f2"}
 TENSOR_KEYS = frozenset(
     {"name", "dtype", "shape", "encoding", "bits", "width", "granularity", "group_size", "params",
      "offset", "length", "raw_length", "compression", "crc32", "stats"}
 )
+#: version 3 (spec 2.4): the keys in their order; those with a default are omitted when equal
+#: to it (width's default is bits); offset and raw_length are derived, never stored
+COMPACT_KEYS = ("name", "dtype", "shape", "encoding", "bits", "width", "granularity", "group_size",
+                "param_dtype", "params", "length", "compression", "crc32", "stats")
+COMPACT_REQUIRED = frozenset({"name", "dtype", "shape", "length", "crc32"})
+COMPACT_DEFAULTS: dict[str, Any] = {"encoding": "raw", "bits": 0, "granularity": "tensor", "group_size": 0,
+                                    "param_dtype": "float32", "params": {}, "compression": "none", "stats": {}}
+#: zstd level of a version-3 header (small: the slowest level costs nothing)
+HEADER_ZSTD_LEVEL = 19
 PARAM_KEYS = {"raw": frozenset(), "uniform": frozenset({"min", "max"}),
               "kmeans": frozenset({"codebook", "codebook_size"})}
 #: R6: items in any msgpack array or map other than 'tensors' and 'metadata'
@@ -110,6 +132,8 @@ class TensorEntry:
     width: int = 0
     #: elements per parameter set with granularity "group", else 0
     group_size: int = 0
+    #: element type of the parameter arrays in ``params``: "float32", or "float16" (version 3)
+    param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.width == 0 and self.encoding != "raw":
@@ -133,6 +157,22 @@ class TensorEntry:
             "raw_length": self.raw_length, "compression": self.compression, "crc32": self.crc32,
             "stats": self.stats,
         }
+
+    def to_compact_header(self) -> dict[str, Any]:
+        """The version-3 entry (spec 2.4): keys equal to their default left out, no offset or raw_length."""
+        full = self.to_header()
+        full["param_dtype"] = self.param_dtype
+        out: dict[str, Any] = {}
+        for key in COMPACT_KEYS:
+            value = full[key]
+            default = self.bits if key == "width" else COMPACT_DEFAULTS.get(key, _REQUIRED)
+            if value != default or key in COMPACT_REQUIRED:
+                out[key] = value
+        return out
+
+
+_REQUIRED = object()  # no default: the key is always stored
+_DERIVED = object()  # version 3: a value the reader derives (raw_length)
 
 
 def align(n: int, alignment: int = ALIGNMENT) -> int:
@@ -167,16 +207,60 @@ def layout_offsets(lengths: list[int]) -> list[int]:
 
 
 def version_for(entries: list[TensorEntry]) -> int:
-    """The lowest version that expresses these entries (spec section 6)."""
-    return RANS_VERSION if any(e.compression == "rans" for e in entries) else VERSION
+    """The lowest of versions 1 and 2 that expresses these entries (what a legacy writer writes)."""
+    return RANS_VERSION if any(e.compression == "rans" for e in entries) else 1
 
 
-def pack_preamble(header: bytes, version: int = VERSION) -> bytes:
-    return PREAMBLE.pack(MAGIC, version, len(header), zlib.crc32(header), 0)
+def param_values(entry: TensorEntry, key: str) -> np.ndarray:
+    """A parameter array of ``entry`` ("min", "max" or "codebook") as float32 (float16 widened
+    exactly, spec 3)."""
+    return np.frombuffer(entry.params[key], dtype=PARAM_DTYPES[entry.param_dtype]).astype(np.float32)
+
+
+def pack_preamble(header: bytes, version: int = VERSION, header_raw_length: int = 0) -> bytes:
+    """The 24 bytes before ``header`` (the stored header bytes); ``header_raw_length`` is the
+    version-3 field U (0: the header is stored as it is)."""
+    return PREAMBLE.pack(MAGIC, version, len(header), zlib.crc32(header), header_raw_length)
+
+
+def encode_header(entries: list[TensorEntry], metadata: dict[str, str],
+                  version: int = VERSION) -> tuple[bytes, int]:
+    """The stored header bytes and the preamble's last field (spec 1.1, 1.2).
+
+    Version 3: the compact msgpack (2.4), zstd-compressed when that is smaller, and its
+    length U (0 when stored as it is). Versions 1 and 2: the full msgpack and 0.
+    """
+    header = build_header(entries, metadata, version)
+    if version < COMPACT_VERSION:
+        return header, 0
+    compressed = zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_content_size=True,
+                                          write_checksum=False).compress(header)
+    if len(compressed) < len(header):
+        return compressed, len(header)
+    return header, 0
+
+
+def fixed_bytes(entries: list[TensorEntry], metadata: dict[str, str], version: int = VERSION) -> int:
+    """Bytes of a file with these entries that are not payload: preamble, stored header,
+    padding to the data section and between payloads (spec 1.3).
+
+    Exact for the entries as given (their lengths and crc32 values take part in the header);
+    the file's size is this plus the sum of the payload lengths.
+    """
+    header, _ = encode_header(entries, metadata, version)
+    lengths = [e.length for e in entries]
+    offsets = layout_offsets(lengths)
+    data_end = offsets[-1] + lengths[-1] if entries else 0
+    return align(PREAMBLE_SIZE + len(header)) + data_end - sum(lengths)
+
+
+def preamble_field(data: bytes) -> int:
+    """The preamble's last u32: reserved (versions 1, 2) or the header raw length U (version 3)."""
+    return PREAMBLE.unpack(data[:PREAMBLE_SIZE])[4]
 
 
 def parse_preamble(data: bytes, file_size: int, limits: Limits = DEFAULT_LIMITS) -> int:
-    """Check the fixed 24 bytes (R1-R4) and return the header length."""
+    """Check the fixed 24 bytes (R1-R4) and return the stored header length."""
     if file_size < PREAMBLE_SIZE or len(data) < PREAMBLE_SIZE:
         raise FormatError("R1", f"file is {file_size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble: not a .qpk file")
     magic, version, header_length, _crc, reserved = PREAMBLE.unpack(data[:PREAMBLE_SIZE])
@@ -186,10 +270,16 @@ def parse_preamble(data: bytes, file_size: int, limits: Limits = DEFAULT_LIMITS)
         raise UnsupportedVersionError(
             "R2", f"file is .qpk version {version}; this reader reads version(s) "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))} (upgrade qpack)")
-    if reserved != 0:
+    if reserved != 0 and version < COMPACT_VERSION:
         raise FormatError("R3", f"reserved preamble field is {reserved}, must be 0")
     if header_length == 0 or header_length > limits.max_header_bytes:
         raise FormatError("R4", f"header length {header_length} outside 1..{limits.max_header_bytes}")
+    if version >= COMPACT_VERSION and reserved != 0:
+        # R3 (v3): U bounds what decompressing the header may allocate, before it runs
+        if not header_length < reserved <= min(limits.max_header_bytes, header_length * MAX_ZSTD_EXPANSION):
+            raise FormatError("R3", f"header raw length {reserved} outside {header_length + 1}.."
+                              f"{min(limits.max_header_bytes, header_length * MAX_ZSTD_EXPANSION)} "
+                              f"(more than the {header_length} stored bytes, at most the header limit)")
     if PREAMBLE_SIZE + header_length > file_size:
         raise FormatError("R4", f"header length {header_length} runs past the end of the {file_size}-byte file (truncated?)")
     return header_length
@@ -209,10 +299,33 @@ def preamble_version(data: bytes) -> int:
     return PREAMBLE.unpack(data[:PREAMBLE_SIZE])[1]
 
 
-def build_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
-    """Deterministic msgpack bytes of the header (keys in a fixed order, floats as float64)."""
-    doc = {"tensors": [e.to_header() for e in entries], "metadata": dict(sorted(metadata.items()))}
+def build_header(entries: list[TensorEntry], metadata: dict[str, str], version: int = VERSION) -> bytes:
+    """Deterministic msgpack bytes of the header (keys in a fixed order, floats as float64),
+    uncompressed; version 3 writes compact entries (spec 2.4)."""
+    compact = version >= COMPACT_VERSION
+    tensors = [e.to_compact_header() if compact else e.to_header() for e in entries]
+    doc = {"tensors": tensors, "metadata": dict(sorted(metadata.items()))}
     return msgpack.packb(doc, use_bin_type=True, use_single_float=False)
+
+
+def decompress_header(stored: bytes, raw_length: int) -> bytes:
+    """R22: a version-3 header stored as one zstd frame of exactly ``raw_length`` bytes.
+
+    ``raw_length`` was bounded by R3 before this runs, and the output is bounded by it.
+    """
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise FormatError("R22", f"the header is not a zstd frame: {exc}") from None
+    if declared != raw_length:
+        raise FormatError("R22", f"the header's zstd frame declares {declared} bytes, the preamble says {raw_length}")
+    try:
+        header = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_length, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise FormatError("R22", f"the header's zstd frame is corrupted: {exc}") from None
+    if len(header) != raw_length:
+        raise FormatError("R22", f"the header decompressed to {len(header)} bytes, expected {raw_length}")
+    return header
 
 
 class _HeaderSyntaxError(ValueError):
@@ -333,14 +446,17 @@ def _short(value: Any) -> str:
 
 
 def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMITS, *,
-                 version: int) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Validate header bytes (R5-R16, all but R16's file-size check) and build the entries.
+                 version: int, header_raw_length: int = 0) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Validate header bytes (R5-R16 and R22, all but R16's file-size check) and build the entries.
 
     Args:
-        header: the H header bytes.
+        header: the H stored header bytes.
         expected_crc: the header checksum stored in the preamble.
         limits: reader limits.
-        version: the file's version (from the preamble); rANS payloads need version 2.
+        version: the file's version (from the preamble); rANS payloads need version 2,
+            compact entries are version 3's.
+        header_raw_length: version 3's U from the preamble, already bounded by R3: the
+            stored header is a zstd frame of U bytes (0: stored as it is).
 
     Returns:
         The tensor entries in file order and the metadata map.
@@ -350,6 +466,8 @@ def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMI
     """
     if zlib.crc32(header) != expected_crc:
         raise ChecksumError("R5", "header checksum mismatch: the header is corrupted")
+    if header_raw_length:
+        header = decompress_header(header, header_raw_length)
     reader = _HeaderReader(header, limits)
     count = reader.map_header("R6", "the header")
     _expect(count == 2, "R6", f"the header map has {count} keys; it must have exactly 'tensors' and 'metadata'")
@@ -365,9 +483,12 @@ def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMI
             raise FormatError("R6", f"unexpected or repeated header key {_short(key)}; the keys are 'tensors' and 'metadata'")
     _expect(reader.at_end(), "R6", "bytes follow the header map inside the header")
     assert entries is not None and metadata is not None
-    _expect(version_for(entries) == version or version < RANS_VERSION, "R15",
+    _expect(version != RANS_VERSION or version_for(entries) == version, "R15",
             f"a version-{version} file needs at least one rANS payload (write the lowest version)")
     expected = layout_offsets([e.length for e in entries])
+    if version >= COMPACT_VERSION:  # offsets are not stored: they are what 1.3 says
+        for entry, offset in zip(entries, expected):
+            entry.offset = offset
     for entry, offset in zip(entries, expected):
         _expect(entry.offset == offset, "R16",
                 f"tensor {entry.name!r}: payload offset {entry.offset}, expected {offset} (payloads must tile the data section in order, {ALIGNMENT}-byte aligned)")
@@ -403,19 +524,44 @@ def _read_tensors(reader: _HeaderReader, limits: Limits, version: int) -> list[T
     return entries
 
 
+def _expand_compact(where: str, raw: Any) -> dict[str, Any]:
+    """A version-3 entry (spec 2.4) with its omitted keys filled in (R8)."""
+    _expect(isinstance(raw, dict) and COMPACT_REQUIRED <= set(raw) and set(raw) <= set(COMPACT_KEYS), "R8",
+            f"{where}: entry must be a map with the keys {sorted(COMPACT_REQUIRED)} and only "
+            f"these others: {sorted(set(COMPACT_KEYS) - COMPACT_REQUIRED)}")
+    full = dict(COMPACT_DEFAULTS)
+    full.update(raw)
+    if "width" not in raw:
+        full["width"] = full["bits"]
+    for key, value in raw.items():
+        default = full["bits"] if key == "width" else COMPACT_DEFAULTS.get(key, _REQUIRED)
+        _expect(value is not default and (type(value) is not type(default) or value != default), "R8",
+                f"{where}: key {key!r} holds its default value and must be left out (spec 2.4)")
+    full["offset"] = 0  # derived from the lengths (1.3) once all entries are read
+    full["raw_length"] = _DERIVED  # derived (2.2) below
+    return full
+
+
 def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> TensorEntry:
     where = f"tensor #{position}"
-    _expect(isinstance(raw, dict) and set(raw) == TENSOR_KEYS, "R8",
-            f"{where}: entry must be a map with exactly the keys {sorted(TENSOR_KEYS)}")
+    if version >= COMPACT_VERSION:
+        raw = _expand_compact(where, raw)
+    else:
+        _expect(isinstance(raw, dict) and set(raw) == TENSOR_KEYS, "R8",
+                f"{where}: entry must be a map with exactly the keys {sorted(TENSOR_KEYS)}")
     name = raw["name"]
     _expect(isinstance(name, str), "R9", f"{where}: name must be a string")
     problem = name_problem(name, limits)
     _expect(problem is None, "R9", f"{where}: {problem}")
     where = f"tensor {name!r}"
     for key in ("bits", "width", "group_size", "offset", "length", "raw_length", "crc32"):
-        _expect(_is_int(raw[key]) and raw[key] >= 0, "R8", f"{where}: {key} must be a non-negative integer")
+        _expect(raw[key] is _DERIVED or _is_int(raw[key]) and raw[key] >= 0, "R8",
+                f"{where}: {key} must be a non-negative integer")
     for key in ("dtype", "encoding", "granularity", "compression"):
         _expect(isinstance(raw[key], str), "R8", f"{where}: {key} must be a string")
+    param_dtype = raw.get("param_dtype", "float32")
+    _expect(isinstance(param_dtype, str) and param_dtype in PARAM_DTYPES, "R13",
+            f"{where}: unknown param_dtype {str(param_dtype)[:40]!r}; float32 or float16")
     _expect(raw["crc32"] < 1 << 32, "R8", f"{where}: crc32 out of range")
     dtype = raw["dtype"]
     _expect(dtype in DTYPES, "R10", f"{where}: unknown dtype {dtype[:40]!r}")
@@ -448,12 +594,16 @@ def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> Tenso
         else:
             _expect(group_size == 0, "R12", f"{where}: group_size must be 0 unless granularity is 'group'")
     channels = parameter_rows(shape, granularity, group_size) if encoding != "raw" else 1
-    params = _parse_params(where, encoding, bits, channels, raw["params"])
+    _expect(param_dtype == "float32" or encoding != "raw", "R13", f"{where}: raw tensors have no parameters to type")
+    params = _parse_params(where, encoding, bits, channels, raw["params"], param_dtype)
     raw_length = expected_raw_length(dtype, tuple(shape), encoding, width)
+    if raw["raw_length"] is _DERIVED:  # version 3 derives it
+        raw["raw_length"] = raw_length
     _expect(raw["raw_length"] == raw_length, "R14",
             f"{where}: raw_length {raw['raw_length']}, but {dtype} {shape} as {encoding} needs {raw_length} bytes")
     compression, length = raw["compression"], raw["length"]
-    _expect(compression in COMPRESSIONS, "R15", f"{where}: unknown compression {compression[:40]!r}")
+    _expect(compression in COMPRESSIONS and COMPRESSION_VERSION[compression] <= version, "R15",
+            f"{where}: unknown compression {compression[:40]!r} for a version-{version} file")
     if compression == "none":
         _expect(length == raw_length, "R15", f"{where}: uncompressed payload is {length} bytes, expected {raw_length}")
     elif compression == "rans":
@@ -461,6 +611,9 @@ def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> Tenso
         _expect(encoding != "raw" and width == bits, "R15", f"{where}: rANS codes quantized indices with width = bits")
         _expect(0 < length < raw_length, "R15", f"{where}: rANS payload of {length} bytes for {raw_length} packed bytes")
     else:
+        if compression == "zstd_planes":
+            _expect(encoding == "raw" and DTYPES[dtype][1] >= 2, "R15",
+                    f"{where}: byte planes are for raw tensors of 2 bytes or more per element")
         _expect(0 < length < raw_length, "R15", f"{where}: zstd payload of {length} bytes for {raw_length} raw bytes")
         _expect(raw_length <= length * MAX_ZSTD_EXPANSION, "R15",
                 f"{where}: {raw_length} raw bytes cannot come out of a {length}-byte zstd frame "
@@ -474,23 +627,27 @@ def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> Tenso
                 f"{where}: stats entries must map strings of at most 64 bytes to numbers")
     return TensorEntry(name, dtype, tuple(shape), encoding, bits, granularity, params,
                        raw["offset"], length, raw_length, compression, raw["crc32"], stats,
-                       width=width, group_size=group_size)
+                       width=width, group_size=group_size, param_dtype=param_dtype)
 
 
-def _float32_array(where: str, key: str, value: Any, count: int) -> np.ndarray:
-    _expect(isinstance(value, bytes) and len(value) == 4 * count, "R13",
-            f"{where}: params.{key} must be {4 * count} bytes of float32")
-    values = np.frombuffer(value, dtype="<f4")
+def _float_array(where: str, key: str, value: Any, count: int, param_dtype: str) -> np.ndarray:
+    """A parameter array as float32 (float16 converted exactly, spec 3), checked (R13)."""
+    code = PARAM_DTYPES[param_dtype]
+    size = int(code[-1])
+    _expect(isinstance(value, bytes) and len(value) == size * count, "R13",
+            f"{where}: params.{key} must be {size * count} bytes of {param_dtype}")
+    values = np.frombuffer(value, dtype=code).astype(np.float32)
     _expect(bool(np.isfinite(values).all()), "R13", f"{where}: params.{key} holds a non-finite value")
     return values
 
 
-def _parse_params(where: str, encoding: str, bits: int, channels: int, params: Any) -> dict[str, Any]:
+def _parse_params(where: str, encoding: str, bits: int, channels: int, params: Any,
+                  param_dtype: str = "float32") -> dict[str, Any]:
     _expect(isinstance(params, dict) and set(params) == PARAM_KEYS[encoding], "R13",
             f"{where}: params for {encoding} must have exactly the keys {sorted(PARAM_KEYS[encoding])}")
     if encoding == "uniform":
-        lows = _float32_array(where, "min", params["min"], channels)
-        highs = _float32_array(where, "max", params["max"], channels)
+        lows = _float_array(where, "min", params["min"], channels, param_dtype)
+        highs = _float_array(where, "max", params["max"], channels, param_dtype)
         _expect(bool((lows <= highs).all()), "R13", f"{where}: a min is above its max")
         with np.errstate(over="ignore"):
             spans = highs - lows
@@ -499,5 +656,5 @@ def _parse_params(where: str, encoding: str, bits: int, channels: int, params: A
         size = params["codebook_size"]
         _expect(_is_int(size) and 1 <= size <= 1 << bits, "R13",
                 f"{where}: codebook_size {size!r} outside 1..{1 << bits} (2^bits)")
-        _float32_array(where, "codebook", params["codebook"], channels * size)
+        _float_array(where, "codebook", params["codebook"], channels * size, param_dtype)
     return dict(params)

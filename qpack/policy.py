@@ -12,10 +12,12 @@ from .dtypes import is_float_name, name_of_dtype
 from .errors import InputError
 from .prune import check_fraction
 
-__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "parse_granularity", "granularity_for"]
+__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "PARAM_DTYPES", "parse_granularity", "granularity_for"]
 
 METHODS = ("uniform", "kmeans")
 RANS_MODES = ("auto", "always", "never")
+#: element type of stored min/max and codebooks (spec 3): "auto" is float16 for groups
+PARAM_DTYPES = ("auto", "float32", "float16")
 GRANULARITIES = ("tensor", "channel", "group:G")
 MIN_GROUP, MAX_GROUP = 16, 65536
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -35,6 +37,9 @@ class Decision:
     exact_zero: bool = False
     #: when indices are rANS-coded: "auto", "always" (whenever smaller) or "never"
     rans: str = "auto"
+    #: element type of the stored parameters: "float32" or "float16" (the encoder keeps
+    #: float32 where float16 cannot hold them, or with an exact zero level)
+    param_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,16 @@ class Policy:
             or sparse tensor) land on it. A uniform range widens by less than a step.
         rans: "auto" codes a tensor's indices with rANS when that saves at least 5 % over
             the best zstd form (skewed indices: trained, L1-regularised, pruned weights),
-            "always" whenever it is smaller at all, "never" not at all (files stay version 1
-            and load at unpacking speed; rANS decodes at 20-140 M indices/s per core, more for
+            "always" whenever it is smaller at all, "never" not at all (files load at
+            unpacking speed; rANS decodes at 20-140 M indices/s per core, more for
             larger tensors).
+        param_dtype: element type of the stored min/max or codebooks: "float32",
+            "float16" (half the bytes: at groups of 32, 1 bit per weight instead of 2) or
+            "auto": float16 for group granularity up to 8 bits, where parameters cost the most
+            and a float16 min rounded down and max rounded up widen a group's grid by
+            about 0.1 % of its range, float32 otherwise. Tensors whose parameters float16
+            cannot hold (beyond +-65504, or ranges so small that rounding widens them more
+            than 1 %), and grids with an exact zero (``exact_zero``, ``prune``), keep float32.
     """
 
     bits: int = 8
@@ -76,6 +88,7 @@ class Policy:
     prune: float | None = None
     exact_zero: bool = False
     rans: str = "auto"
+    param_dtype: str = "auto"
     #: exact tensor names -> bits (what --target-bpw or --max-error chose); checked before the globs
     bits_by_name: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     #: exact tensor names -> granularity ("tensor", "channel", "group:G"), chosen the same way
@@ -95,6 +108,8 @@ class Policy:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         for text in (self.granularity, *(text for _, text in self.granularity_by_name)):
             parse_granularity(text)
+        if self.param_dtype not in PARAM_DTYPES:
+            raise InputError(f"unknown param dtype {self.param_dtype!r}; choose one of {', '.join(PARAM_DTYPES)}")
         if self.rans not in RANS_MODES:
             raise InputError(f"unknown rans mode {self.rans!r}; choose one of {', '.join(RANS_MODES)}")
         if not isinstance(self.min_numel, int) or self.min_numel < 1:
@@ -108,7 +123,7 @@ class Policy:
         decision = replace(decision, exact_zero=self.exact_zero, rans=self.rans)  # codec options, for every quantized tensor
         bits, granularity = self._allocated[0].get(name), self._allocated[1].get(name)
         if bits is None and granularity is None:
-            return decision
+            return self._with_param_dtype(decision)
         chose = []
         if bits is not None:
             decision, chose = replace(decision, bits=bits), [f"{bits} bits"]
@@ -116,7 +131,14 @@ class Policy:
             kind, group_size = granularity_for(granularity, tensor)
             decision = replace(decision, granularity=kind, group_size=group_size)
             chose.append(f"{kind}:{group_size} granularity" if group_size else f"{kind} granularity")
-        return replace(decision, reason=f"{decision.reason}; {self.allocation or 'allocation'} chose {', '.join(chose)}")
+        decision = replace(decision, reason=f"{decision.reason}; {self.allocation or 'allocation'} chose {', '.join(chose)}")
+        return self._with_param_dtype(decision)
+
+    def _with_param_dtype(self, decision: Decision) -> Decision:
+        param_dtype = self.param_dtype
+        if param_dtype == "auto":
+            param_dtype = "float16" if decision.granularity == "group" and decision.bits <= 8 else "float32"
+        return replace(decision, param_dtype=param_dtype)
 
     @functools.cached_property
     def _allocated(self) -> tuple[dict[str, int], dict[str, str]]:

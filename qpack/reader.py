@@ -16,7 +16,7 @@ import zstandard
 
 from . import codecs, rans
 from .bitpack import pack_bits, unpack_bits
-from .dtypes import dtype_from_name
+from .dtypes import dtype_from_name, itemsize
 from .errors import ChecksumError, FormatError, InputError
 from .format import (
     DEFAULT_LIMITS,
@@ -26,7 +26,9 @@ from .format import (
     align,
     header_crc,
     parse_header,
+    param_values,
     parse_preamble,
+    preamble_field,
     preamble_version,
 )
 
@@ -70,7 +72,9 @@ class QpkReader:
             if len(header) != header_length:
                 raise FormatError("R4", "file shrank while being read")
             self.version = preamble_version(preamble)
-            entries, self.metadata = parse_header(header, header_crc(preamble), limits, version=self.version)
+            raw_length = preamble_field(preamble) if self.version >= 3 else 0
+            entries, self.metadata = parse_header(header, header_crc(preamble), limits, version=self.version,
+                                                  header_raw_length=raw_length)
             self.data_start = align(PREAMBLE_SIZE + header_length)
             self._check_layout(entries, PREAMBLE_SIZE + header_length)
         except BaseException:
@@ -135,7 +139,10 @@ class QpkReader:
         _check_crc(entry, stored)
         if entry.compression == "rans":
             return _rans_decode(entry, stored)
-        return _zstd_decompress(entry, stored)
+        raw = _zstd_decompress(entry, stored)
+        if entry.compression == "zstd_planes":
+            return codecs.raw.join_planes(raw, itemsize(entry.dtype))
+        return raw
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Decode one tensor (original dtype and shape) on ``device``."""
@@ -214,11 +221,12 @@ def _rans_decode(entry: TensorEntry, stored: bytes) -> torch.Tensor:
 
 
 def _params_on(entry: TensorEntry, device: torch.device | str) -> dict[str, torch.Tensor]:
+    # float16 parameters become float32 exactly before any arithmetic (spec 3)
     if entry.encoding == "uniform":
-        lo = torch.from_numpy(np.frombuffer(entry.params["min"], dtype="<f4").copy())
-        hi = torch.from_numpy(np.frombuffer(entry.params["max"], dtype="<f4").copy())
+        lo = torch.from_numpy(param_values(entry, "min"))
+        hi = torch.from_numpy(param_values(entry, "max"))
         return {"min": lo.to(device), "max": hi.to(device)}
-    book = np.frombuffer(entry.params["codebook"], dtype="<f4").copy()
+    book = param_values(entry, "codebook")
     return {"codebook": torch.from_numpy(book).reshape(entry.channels, -1).to(device)}
 
 

@@ -23,16 +23,17 @@ from typing import BinaryIO
 
 from .errors import FormatError, InputError, OutputExistsError
 from .format import (
+    COMPACT_VERSION,
     DEFAULT_LIMITS,
     PREAMBLE_SIZE,
+    VERSION,
     TensorEntry,
     align,
-    build_header,
+    encode_header,
     metadata_problem,
     name_problem,
     pack_preamble,
     parse_header,
-    version_for,
 )
 
 __all__ = ["QpkWriter", "atomic_output"]
@@ -51,6 +52,9 @@ class QpkWriter:
         overwrite: replace an existing file at ``path``; without it an existing file is an
             OutputExistsError, checked both up front and at the final rename.
         metadata: free-form string-to-string map stored in the header (R7's limits).
+        version: the format version to write: 3 (compact, compressed header), or 1 or 2
+            for readers of those (the entries must then be expressible in it; 2 only with
+            rANS payloads).
 
     Raises:
         InputError: the output path is a folder or its folder is missing; a metadata entry
@@ -60,8 +64,9 @@ class QpkWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, version: int = VERSION) -> None:
         self.path = Path(path)
+        self.version = version
         self.overwrite = overwrite
         self.metadata = dict(metadata or {})
         if len(self.metadata) > DEFAULT_LIMITS.max_metadata_entries:
@@ -113,16 +118,20 @@ class QpkWriter:
         """
         if self._spool.closed:
             raise ValueError("this QpkWriter is closed")
-        header = build_header(self.entries, self.metadata)
-        if len(header) > DEFAULT_LIMITS.max_header_bytes:
-            raise InputError(f"the header would be {len(header)} bytes, more than a .qpk file allows "
-                             f"({DEFAULT_LIMITS.max_header_bytes}); too many tensors or metadata")
-        version = version_for(self.entries)
+        version = self.version
+        for entry in self.entries if version < COMPACT_VERSION else ():
+            if entry.param_dtype != "float32" or entry.compression == "zstd_planes":
+                raise InputError(f"cannot write {self.path} as version {version}: tensor {entry.name!r} uses "
+                                 f"{entry.param_dtype} parameters or byte planes, which need version {COMPACT_VERSION}")
+        header, raw_length = encode_header(self.entries, self.metadata, version)
+        if max(len(header), raw_length) > DEFAULT_LIMITS.max_header_bytes:
+            raise InputError(f"the header would be {max(len(header), raw_length)} bytes, more than a .qpk file "
+                             f"allows ({DEFAULT_LIMITS.max_header_bytes}); too many tensors or metadata")
         try:
-            parse_header(header, zlib.crc32(header), version=version)
+            parse_header(header, zlib.crc32(header), version=version, header_raw_length=raw_length)
         except FormatError as exc:
             raise InputError(f"cannot write {self.path}: {exc}") from None
-        head = pack_preamble(header, version) + header
+        head = pack_preamble(header, version, raw_length) + header
         head += _ZEROS[: align(len(head)) - len(head)]
         assert len(head) == align(PREAMBLE_SIZE + len(header))
         with _naming_errors(self.path), atomic_output(self.path, self.overwrite) as out:

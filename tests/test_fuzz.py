@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_reader_rules import assemble, lay_out, split, write_sample
+from test_reader_rules import assemble, lay_out, split, write_sample, write_sample3
 
 from qpack import QpkError, QpkReader
 from qpack.format import PREAMBLE_SIZE
@@ -97,6 +97,19 @@ def test_every_single_byte_change_is_rejected(workdir, sample, sample_tensors):
                 survivors.append((offset, new))
     # the spec (R5, R17, R18 and the exact layout) says every change is caught
     assert survivors == []
+
+
+def test_every_single_byte_change_of_a_version_3_file_is_rejected(workdir):
+    """The same on a version-3 file: compressed header, compact entries, float16, byte planes."""
+    write_sample3(workdir / "sample3.qpk")
+    sample3 = (workdir / "sample3.qpk").read_bytes()
+    path = workdir / "one-byte3.qpk"
+    for offset in range(len(sample3)):
+        changed = bytearray(sample3)
+        changed[offset] ^= 0x01
+        assert isinstance(outcome(path, bytes(changed)), QpkError), offset
+    for size in range(0, len(sample3), 7):
+        assert isinstance(outcome(path, sample3[:size]), QpkError), size
 
 
 def test_every_truncation_is_rejected(workdir, sample):

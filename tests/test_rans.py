@@ -1,5 +1,5 @@
-"""rANS-coded indices (spec section 4.1, file version 2): the coder, the writer's choice,
-and the reader's checks (R15, R19)."""
+"""rANS-coded indices (spec section 4.1, file versions 2 and 3): the coder, the writer's
+choice, and the reader's checks (R15, R19), on version-2 files as older qpack wrote them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 import qpack
 from qpack import FormatError, QpkReader, rans
-from test_reader_rules import assemble, index_of, json_copy, lay_out, rejects, split
+from test_reader_rules import assemble, index_of, json_copy, lay_out, rejects, rewrite, split, write_sample
 
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "qpk-format.md"
 
@@ -150,31 +150,37 @@ def skewed_weights() -> dict[str, torch.Tensor]:
     return {"fc.weight": laplace, "uniform.weight": torch.rand(64, 64, generator=gen)}
 
 
-def test_writer_codes_skewed_indices_and_marks_version_2(tmp_path, skewed_weights):
+def test_writer_codes_skewed_indices(tmp_path, skewed_weights):
     # 5-bit uniform: Laplace weights use the middle levels far more than the outer ones
     qpack.pack(skewed_weights, tmp_path / "coded.qpk", bits=5)
     with QpkReader(tmp_path / "coded.qpk") as reader:
-        assert reader.version == 2
+        assert reader.version == 3
         assert reader.entry("fc.weight").compression == "rans"
         assert reader.entry("uniform.weight").compression != "rans"  # flat: nothing to gain
         coded_length = reader.entry("fc.weight").length
     qpack.pack(skewed_weights, tmp_path / "plain.qpk", bits=5, rans="never")
     with QpkReader(tmp_path / "plain.qpk") as reader:
-        assert reader.version == 1 and reader.entry("fc.weight").compression != "rans"
+        assert reader.version == 3 and reader.entry("fc.weight").compression != "rans"
         assert coded_length < 0.98 * reader.entry("fc.weight").length
     coded, plain = qpack.load(tmp_path / "coded.qpk"), qpack.load(tmp_path / "plain.qpk")
     for name in skewed_weights:
         assert torch.equal(coded[name], plain[name]), name
     assert qpack.verify(tmp_path / "coded.qpk") == len(skewed_weights)
+    # written as version 2 (what older qpack wrote), the file reads the same
+    rewrite(tmp_path / "coded.qpk", tmp_path / "v2.qpk", 2)
+    with QpkReader(tmp_path / "v2.qpk") as reader:
+        assert reader.version == 2
+    assert all(torch.equal(t, coded[n]) for n, t in qpack.load(tmp_path / "v2.qpk").items())
 
 
-def test_files_without_rans_stay_version_1(tmp_path):
-    gen = torch.Generator().manual_seed(2)
-    qpack.pack({"w": torch.rand(256, 256, generator=gen)}, tmp_path / "flat.qpk", bits=8)
+def test_version_2_means_some_payload_is_rans_coded(tmp_path):
+    write_sample(tmp_path / "flat.qpk")  # version 1, no rANS
     data = (tmp_path / "flat.qpk").read_bytes()
     assert data[8:12] == b"\x01\x00\x00\x00"
-    # and a version 1 file relabelled 2 is refused: version 2 means some payload is rANS-coded
+    # a version 1 file relabelled 2 is refused: version 2 means some payload is rANS-coded
     rejects(tmp_path, data[:8] + b"\x02" + data[9:], "R15")
+    with pytest.raises(qpack.InputError, match="R15"):
+        rewrite(tmp_path / "flat.qpk", tmp_path / "v2.qpk", 2)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +188,7 @@ def coded_file(tmp_path_factory, skewed_weights) -> bytes:
     path = tmp_path_factory.mktemp("rans") / "coded.qpk"
     qpack.pack({"fc.weight": skewed_weights["fc.weight"][:40, :50].contiguous()}, path, bits=3,
                method="kmeans", prune=0.7)
-    data = path.read_bytes()
+    data = rewrite(path, path.with_name("v2.qpk"), 2)  # a version-2 file, plain header to edit
     assert split(data)[0]["tensors"][0]["compression"] == "rans"
     return data
 
@@ -238,7 +244,7 @@ def test_rans_modes(tmp_path, skewed_weights):
         qpack.pack(weights, tmp_path / f"{mode}.qpk", bits=5, granularity="channel", rans=mode)
         with QpkReader(tmp_path / f"{mode}.qpk") as reader:
             entry = reader.entry("fc.weight")
-            assert (reader.version == 2) == (entry.compression == "rans")
+            assert reader.version == 3
             payload[mode] = (entry.compression, entry.length)
     # per-row 5-bit Laplace indices: rANS saves under 5 % over zstd, so only "always" uses it
     assert payload["never"][0] != "rans" and payload["auto"] == payload["never"]

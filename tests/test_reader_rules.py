@@ -2,7 +2,10 @@
 
 Each test crafts a file that breaks one rule, writing the header with msgpack directly and
 re-computing the header checksum (except for R5), and checks the error class and
-``exc.rule``. The crafting helpers here are also used by test_fuzz.py.
+``exc.rule``. The crafting helpers here are also used by test_fuzz.py. The sample file is
+version 1 (a plain header with every key, easy to edit); the rules that version 3 adds or
+changes (compressed header, compact entries, float16 parameters, byte planes) have their
+own sample and tests at the end.
 """
 
 from __future__ import annotations
@@ -125,11 +128,12 @@ def sample_tensors() -> list[tuple[TensorEntry, bytes, torch.Tensor]]:
     return out
 
 
-def write_sample(path: Path) -> dict[str, torch.Tensor]:
-    """Write the sample file; returns the tensors it decodes to."""
-    writer = QpkWriter(path, overwrite=True, metadata={"qpack.version": "test", "note": "sample"})
+def write_sample(path: Path, version: int = 1) -> dict[str, torch.Tensor]:
+    """Write the sample file (version 1 unless asked; version 3 adds ``sample3_tensors``);
+    returns the tensors it decodes to."""
+    writer = QpkWriter(path, overwrite=True, metadata={"qpack.version": "test", "note": "sample"}, version=version)
     expected = {}
-    for entry, stored, tensor in sample_tensors():
+    for entry, stored, tensor in sample_tensors() + (sample3_tensors() if version == 3 else []):
         writer.add(entry, stored)
         expected[entry.name] = tensor
     writer.finish()
@@ -175,6 +179,21 @@ def assemble(header: bytes | dict, data: bytes, *, version: int = 1, reserved: i
                            zlib.crc32(header) if crc is None else crc, reserved)
     head = preamble + header
     return head + bytes(align(len(head)) - len(head)) + data
+
+
+def rewrite(path: Path, out: Path, version: int) -> bytes:
+    """The file at ``path`` written again as ``version`` (same entries, payloads and metadata),
+    e.g. a file packed as version 3 as the version-2 file an older qpack wrote."""
+    with QpkReader(path) as reader:
+        entries = list(reader.entries.values())
+        with open(path, "rb") as handle:
+            data = handle.read()
+        payloads = [data[reader.data_start + e.offset: reader.data_start + e.offset + e.length] for e in entries]
+        writer = QpkWriter(out, overwrite=True, metadata=reader.metadata, version=version)
+    for entry, payload in zip(entries, payloads):
+        writer.add(entry, payload)
+    writer.finish()
+    return out.read_bytes()
 
 
 def rebuild(doc: dict, payloads: list[bytes]) -> bytes:
@@ -257,10 +276,10 @@ def test_r1_short_file_and_bad_magic(tmp_path, sample_bytes):
 
 def test_r2_unsupported_version_is_named(tmp_path, sample_bytes):
     doc, payloads = split(sample_bytes)
-    for version in (0, 3, 0xFFFFFFFF):
+    for version in (0, 4, 0xFFFFFFFF):
         exc = rejects(tmp_path, assemble(doc, lay_out(doc, payloads), version=version), "R2",
                       UnsupportedVersionError)
-        assert f"version {version}" in str(exc) and "1, 2" in str(exc)
+        assert f"version {version}" in str(exc) and "1, 2, 3" in str(exc)
 
 
 def test_r3_reserved_field_must_be_zero(tmp_path, sample_bytes):
@@ -695,3 +714,249 @@ def test_maximum_values_are_accepted(tmp_path):
     loaded = open_and_read_all(tmp_path / "edge.qpk")
     assert loaded["t"].shape == tuple(shape) and loaded["z"].shape == (0, 2 ** 48)
     assert math.prod(loaded["z"].shape) == 0
+
+
+# -- version 3: compressed header, compact entries, float16 parameters, byte planes --------------
+
+
+def _f16(values: Any) -> bytes:
+    return np.asarray(values, dtype="<f2").tobytes()
+
+
+def sample3_tensors() -> list[tuple[TensorEntry, bytes, torch.Tensor]]:
+    """What only version 3 can hold, on top of ``sample_tensors``."""
+    gen = torch.Generator().manual_seed(9)
+    out = []
+    # uniform, per channel, float16 min/max: the formula runs on their float32 values
+    idx = torch.randint(0, 16, (2, 7), generator=gen)
+    lows, highs = np.float16([-1.0, 0.5]), np.float16([2.0, 0.7998])
+    lo32, hi32 = lows.astype(np.float32), highs.astype(np.float32)
+    steps = ((hi32 - lo32).astype(np.float32) / np.float32(15)).astype(np.float32)
+    values = (lo32[:, None] + (steps[:, None] * idx.numpy().astype(np.float32)).astype(np.float32)).astype(np.float32)
+    entry = _entry("uniform.f16", torch.zeros(2, 7), "uniform", 4, "channel", {"min": _f16(lows), "max": _f16(highs)})
+    entry.param_dtype = "float16"
+    out.append((entry, pack_bits(idx, 4).numpy().tobytes(), torch.from_numpy(values)))
+    # kmeans in groups of 16, float16 codebooks
+    books = np.float16([[0.1, 0.2], [-3.0, 65504.0]])
+    idx = torch.randint(0, 2, (20,), generator=gen)
+    entry = _entry("kmeans.f16", torch.zeros(4, 5), "kmeans", 1, "group",
+                   {"codebook": _f16(books), "codebook_size": 2}, group_size=16)
+    entry.param_dtype = "float16"
+    values = books.astype(np.float32)[np.arange(20) // 16, idx.numpy()].reshape(4, 5)
+    out.append((entry, pack_bits(idx, 1).numpy().tobytes(), torch.from_numpy(values)))
+    # raw float32 stored as zstd of its byte planes
+    stats = 1 + torch.arange(64, dtype=torch.float32) / 1024
+    entry = _entry("raw.planes", stats)
+    entry.compression = "zstd_planes"
+    stored = zstandard.ZstdCompressor(level=3).compress(qpack.codecs.raw.split_planes(stats.numpy().tobytes(), 4))
+    out.append((entry, stored, stats))
+    return out
+
+
+def write_sample3(path: Path) -> dict[str, torch.Tensor]:
+    return write_sample(path, version=3)
+
+
+@pytest.fixture(scope="module")
+def sample3_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("sample3") / "sample3.qpk"
+    return write_sample3(path) and path.read_bytes()
+
+
+def split3(data: bytes) -> tuple[dict, list[bytes]]:
+    """(compact header document, stored payloads) of a valid version-3 file."""
+    _, version, header_length, _, raw_length = struct.unpack("<8sIIII", data[:PREAMBLE_SIZE])
+    assert version == 3
+    stored = data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length]
+    header = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_length) if raw_length else stored
+    doc = msgpack.unpackb(header, raw=False)
+    start, end, payloads = align(PREAMBLE_SIZE + header_length), 0, []
+    for entry in doc["tensors"]:
+        offset = align(end)
+        payloads.append(data[start + offset: start + offset + entry["length"]])
+        end = offset + entry["length"]
+    return doc, payloads
+
+
+def assemble3(doc: dict, payloads: list[bytes], *, compress: bool = True, raw_length: int | None = None,
+              stored: bytes | None = None, version: int = 3) -> bytes:
+    """A version-3 file: lengths and checksums filled in, the header zstd-compressed unless
+    ``compress`` is False; ``raw_length`` and ``stored`` replace the preamble's U and the
+    stored header bytes."""
+    data = bytearray()
+    for entry, payload in zip(doc["tensors"], payloads):
+        data += bytes(align(len(data)) - len(data))
+        entry["length"], entry["crc32"] = len(payload), zlib.crc32(payload)
+        data += payload
+    header = msgpack.packb(doc, use_bin_type=True)
+    if stored is None:
+        stored = zstandard.ZstdCompressor(level=19).compress(header) if compress else header
+    field = (len(header) if compress else 0) if raw_length is None else raw_length
+    head = struct.pack("<8sIIII", MAGIC, version, len(stored), zlib.crc32(stored), field) + stored
+    return head + bytes(align(len(head)) - len(head)) + bytes(data)
+
+
+def test_v3_sample_round_trips_compact_and_compressed(tmp_path, sample3_bytes):
+    expected = write_sample3(tmp_path / "s.qpk")
+    data = (tmp_path / "s.qpk").read_bytes()
+    assert data == sample3_bytes and struct.unpack("<I", data[8:12])[0] == 3
+    assert struct.unpack("<I", data[20:24])[0] > struct.unpack("<I", data[12:16])[0]  # compressed: U > H
+    loaded = open_and_read_all(tmp_path / "s.qpk")
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    doc, payloads = split3(data)
+    assert assemble3(doc, payloads) == data  # the helpers reproduce the writer's bytes
+    for entry in doc["tensors"]:
+        assert not {"offset", "raw_length"} & set(entry)
+    raw = doc["tensors"][index_of(doc, "raw.f32")]
+    assert list(raw) == ["name", "dtype", "shape", "length", "crc32"]  # every default left out
+    assert doc["tensors"][index_of(doc, "uniform.f16")]["param_dtype"] == "float16"
+    assert qpack.verify(tmp_path / "s.qpk") == len(expected)
+
+
+def test_v3_header_stored_plain_is_read(tmp_path, sample3_bytes):
+    doc, payloads = split3(sample3_bytes)
+    (tmp_path / "plain.qpk").write_bytes(assemble3(doc, payloads, compress=False))
+    for name, tensor in open_and_read_all(tmp_path / "plain.qpk").items():
+        assert torch.equal(tensor, open_and_read_all(tmp_path / "plain.qpk")[name])
+    assert set(open_and_read_all(tmp_path / "plain.qpk")) == {e["name"] for e in doc["tensors"]}
+
+
+def test_r3_v3_header_raw_length_is_bounded_before_decompressing(tmp_path, sample3_bytes):
+    doc, payloads = split3(sample3_bytes)
+    header = zstandard.ZstdCompressor(level=19).compress(msgpack.packb(doc, use_bin_type=True))
+    rejects(tmp_path, assemble3(json_copy(doc), payloads, raw_length=len(header)), "R3")  # not more than H
+    rejects(tmp_path, assemble3(json_copy(doc), payloads, raw_length=len(header) * 32768 + 1), "R3")
+    path = tmp_path / "limit.qpk"
+    path.write_bytes(sample3_bytes)
+    with pytest.raises(FormatError) as caught:
+        QpkReader(path, limits=qpack.format.Limits(max_header_bytes=len(header) + 1))
+    assert caught.value.rule == "R3"
+    # the same field in a version-1 file is reserved
+    rejects(tmp_path, assemble3(json_copy(doc), payloads, version=1), "R3")
+
+
+def test_r22_v3_header_must_be_one_zstd_frame_of_u_bytes(tmp_path, sample3_bytes):
+    doc, payloads = split3(sample3_bytes)
+    plain = msgpack.packb(lay_out_lengths(json_copy(doc), payloads), use_bin_type=True)
+    frame = zstandard.ZstdCompressor(level=19).compress(plain)
+    exc = rejects(tmp_path, assemble3(json_copy(doc), payloads, raw_length=len(plain), stored=plain[:-4]), "R22")
+    assert "not a zstd frame" in str(exc)
+    rejects(tmp_path, assemble3(json_copy(doc), payloads, raw_length=len(plain) + 1, stored=frame), "R22")
+    rejects(tmp_path, assemble3(json_copy(doc), payloads, raw_length=len(plain), stored=frame + b"\0"), "R22")
+    unsized = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(plain)
+    rejects(tmp_path, assemble3(json_copy(doc), payloads, raw_length=len(plain), stored=unsized), "R22")
+    # (a damaged frame is caught by R5 first: the checksum covers the stored bytes)
+
+
+def lay_out_lengths(doc: dict, payloads: list[bytes]) -> dict:
+    """``doc`` with each entry's length and crc32 from ``payloads`` (version 3)."""
+    for entry, payload in zip(doc["tensors"], payloads):
+        entry["length"], entry["crc32"] = len(payload), zlib.crc32(payload)
+    return doc
+
+
+@pytest.mark.parametrize("name,key,value", [
+    ("raw.f32", "compression", "none"), ("raw.f32", "stats", {}), ("raw.f32", "params", {}),
+    ("raw.f32", "encoding", "raw"), ("raw.f32", "bits", 0), ("uniform.b3", "width", 3),
+    ("uniform.b3", "granularity", "tensor"), ("uniform.b3", "group_size", 0),
+    ("uniform.b3", "param_dtype", "float32"),
+    ("raw.f32", "offset", 0), ("raw.f32", "raw_length", 48), ("raw.f32", "colour", "blue"),
+])
+def test_r8_v3_entries_leave_out_defaults_and_derived_keys(tmp_path, sample3_bytes, name, key, value):
+    doc, payloads = split3(sample3_bytes)
+    doc["tensors"][index_of(doc, name)][key] = value
+    exc = rejects(tmp_path, assemble3(doc, payloads), "R8")
+    assert repr(key) in str(exc) or "keys" in str(exc)
+
+
+@pytest.mark.parametrize("key", ["name", "dtype", "shape", "length", "crc32"])
+def test_r8_v3_entries_keep_the_always_stored_keys(tmp_path, sample3_bytes, key):
+    doc, payloads = split3(sample3_bytes)
+    data = assemble3(doc, payloads)  # fills in lengths and checksums first
+    doc, payloads = split3(data)
+    del doc["tensors"][0][key]
+    header = zstandard.ZstdCompressor(level=19).compress(plain := msgpack.packb(doc, use_bin_type=True))
+    rejects(tmp_path, assemble3(doc, payloads, raw_length=len(plain), stored=header)
+            if key not in ("length", "crc32") else _without_refill(doc, payloads, plain, header), "R8")
+
+
+def _without_refill(doc: dict, payloads: list[bytes], plain: bytes, header: bytes) -> bytes:
+    """A file whose header is exactly ``header`` (assemble3 would put length and crc32 back)."""
+    data = bytearray()
+    for payload in payloads:
+        data += bytes(align(len(data)) - len(data)) + payload
+    head = struct.pack("<8sIIII", MAGIC, 3, len(header), zlib.crc32(header), len(plain)) + header
+    return head + bytes(align(len(head)) - len(head)) + bytes(data)
+
+
+def test_r8_param_dtype_is_a_version_3_key(tmp_path, sample_bytes):
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.update(param_dtype="float32"),
+                             index_of(split(sample_bytes)[0], "uniform.b3")), "R8")
+
+
+def test_r13_param_dtype_and_float16_parameters(tmp_path, sample3_bytes):
+    doc, payloads = split3(sample3_bytes)
+    at = index_of(doc, "uniform.f16")
+    for edit in (lambda e: e.update(param_dtype="bfloat16"),
+                 lambda e: e["params"].update(min=_f32([-1.0, 0.5])),  # 4 bytes per value, not 2
+                 lambda e: e["params"].update(max=_f16([np.inf, 1.0])),
+                 lambda e: e["params"].update(min=_f16([3.0, 0.5]))):  # min above max
+        changed = json_copy(doc)
+        edit(changed["tensors"][at])
+        rejects(tmp_path, assemble3(changed, payloads), "R13")
+    changed = json_copy(doc)
+    changed["tensors"][index_of(doc, "raw.f32")]["param_dtype"] = "float16"  # raw has no parameters
+    rejects(tmp_path, assemble3(changed, payloads), "R13")
+    changed = json_copy(doc)
+    changed["tensors"][index_of(doc, "kmeans.f16")]["params"]["codebook"] = _f16([0.1, 0.2, -3.0, np.nan])
+    rejects(tmp_path, assemble3(changed, payloads), "R13")
+
+
+def test_r15_zstd_planes_only_for_raw_multibyte_tensors_in_version_3(tmp_path, sample3_bytes, sample_bytes):
+    doc, payloads = split3(sample3_bytes)
+    for name in ("uniform.zstd", "raw.bool"):  # quantized; 1-byte elements
+        changed = json_copy(doc)
+        entry = changed["tensors"][index_of(doc, name)]
+        if name == "raw.bool":
+            payloads = list(payloads)
+            payloads[index_of(doc, name)] = zstandard.ZstdCompressor().compress(bytes(5))[:4]  # shorter than raw
+        entry["compression"] = "zstd_planes"
+        rejects(tmp_path, assemble3(changed, payloads), "R15")
+    doc, payloads = split3(sample3_bytes)
+    grown = json_copy(doc)
+    at = index_of(doc, "raw.planes")
+    payloads = list(payloads)
+    payloads[at] = payloads[at] + bytes(256 - len(payloads[at]))  # not shorter than the 256 raw bytes
+    rejects(tmp_path, assemble3(grown, payloads), "R15")
+    # a version-1 file knows no byte planes
+    rejects(tmp_path, edited(sample_bytes, lambda e: e.update(compression="zstd_planes"),
+                             index_of(split(sample_bytes)[0], "raw.zstd")), "R15")
+
+
+def test_r19_zstd_planes_payload_is_checked_as_zstd(tmp_path, sample3_bytes):
+    doc, payloads = split3(sample3_bytes)
+    at = index_of(doc, "raw.planes")
+    payloads = list(payloads)
+    payloads[at] = zstandard.ZstdCompressor().compress(bytes(200))  # a frame of the wrong size
+    rejects(tmp_path, assemble3(doc, payloads), "R19", on_read=True)
+
+
+def test_writer_refuses_version_3_entries_in_an_older_version(tmp_path):
+    entry, stored, _ = sample3_tensors()[0]  # float16 parameters
+    writer = QpkWriter(tmp_path / "old.qpk", version=1)
+    writer.add(entry, stored)
+    with pytest.raises(qpack.InputError, match="need version 3"):
+        writer.finish()
+    assert not (tmp_path / "old.qpk").exists()
+
+
+def test_fixed_bytes_is_what_the_file_costs_beyond_its_payloads(tmp_path):
+    from qpack.format import fixed_bytes
+
+    write_sample3(tmp_path / "s.qpk")
+    with QpkReader(tmp_path / "s.qpk") as reader:
+        entries, metadata = list(reader.entries.values()), reader.metadata
+    payloads = sum(e.length for e in entries)
+    assert fixed_bytes(entries, metadata) == (tmp_path / "s.qpk").stat().st_size - payloads
+    assert fixed_bytes(entries, metadata, version=1) > fixed_bytes(entries, metadata)

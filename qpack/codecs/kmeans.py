@@ -10,7 +10,7 @@ import torch
 
 from .rows import as_rows, from_rows
 
-__all__ = ["choose_params", "quantize", "dequantize"]
+__all__ = ["choose_params", "quantize", "dequantize", "as_float16"]
 
 
 def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
@@ -43,6 +43,15 @@ def _fit_row(row: np.ndarray, bits: int, keep_zero: bool) -> np.ndarray:
         return np.zeros(1, dtype=np.float32)
     book = kmeans1d.fit_codebook(nonzero, (1 << bits) - 1)
     return np.unique(np.concatenate([book, np.zeros(1, dtype=np.float32)]))
+
+
+def as_float16(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The codebooks rounded to the nearest float16 values (kept as float32), or None when a
+    centroid is beyond float16's range. Indices are then chosen against the rounded centroids."""
+    book16 = params["codebook"].numpy().astype(np.float16)
+    if not np.isfinite(book16).all():
+        return None
+    return {"codebook": torch.from_numpy(book16.astype(np.float32))}
 
 
 def quantize(values: torch.Tensor, params: dict[str, torch.Tensor], bits: int,

@@ -16,7 +16,11 @@ import torch
 
 from .rows import as_rows, from_rows
 
-__all__ = ["choose_params", "quantize", "dequantize", "step_of"]
+__all__ = ["choose_params", "quantize", "dequantize", "step_of", "as_float16"]
+
+#: float16 parameters are used only when rounding them widens the grids' spans (root mean
+#: square over rows) by at most this share
+FLOAT16_MAX_WIDENING = 0.01
 
 
 def step_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
@@ -50,6 +54,29 @@ def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
     if keep_zero:
         lo, hi = _range_with_exact_zero(lo.numpy(), hi.numpy(), bits)
     return {"min": lo, "max": hi}
+
+
+def as_float16(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The parameters rounded to float16 values (kept as float32), or None when float16 does not fit.
+
+    Each min is rounded down and each max up, so every row's grid still covers its values
+    and no weight is cut off by more than half a step. None when a value is beyond float16's
+    range, or when the rounding would widen the spans (root mean square over rows) by more
+    than FLOAT16_MAX_WIDENING (tiny ranges, near float16's subnormals).
+    """
+    lo, hi = params["min"].numpy(), params["max"].numpy()
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float16: inf, refused below
+        lo16, hi16 = lo.astype(np.float16), hi.astype(np.float16)
+        lo16 = np.where(lo16.astype(np.float32) > lo, np.nextafter(lo16, np.float16(-np.inf)), lo16)
+        hi16 = np.where(hi16.astype(np.float32) < hi, np.nextafter(hi16, np.float16(np.inf)), hi16)
+    if not (np.isfinite(lo16).all() and np.isfinite(hi16).all()):
+        return None
+    new_lo, new_hi = lo16.astype(np.float32), hi16.astype(np.float32)
+    before = float(np.sum((hi.astype(np.float64) - lo) ** 2))
+    after = float(np.sum((new_hi.astype(np.float64) - new_lo) ** 2))
+    if after > before * (1 + FLOAT16_MAX_WIDENING) ** 2:
+        return None
+    return {"min": torch.from_numpy(new_lo), "max": torch.from_numpy(new_hi)}
 
 
 def _range_with_exact_zero(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
