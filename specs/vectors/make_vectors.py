@@ -1,28 +1,70 @@
 """Write the spec's test vectors: tiny .qpk files and expected.json.
 
-The expected values come from a second, independent reading of the spec: the quantization
-rule, the reconstruction formulas and the bit order are re-implemented here in plain numpy
-(not with qpack's codecs), and the files themselves are written by qpack. tests/
-test_spec_vectors.py checks that qpack decodes each file to exactly these values and that
-the writer still produces the same bytes.
+The expected values come from a second, independent reading of the spec: the preamble and
+header (version 3: zstd-compressed, compact entries with their defaults), the quantization
+rule (float16 parameters rounded outward), the reconstruction formulas, the bit order, rANS
+and byte planes are re-implemented here in plain numpy, msgpack and zstd (not with qpack's
+reader or codecs); the files themselves are written by qpack. tests/test_spec_vectors.py
+checks that qpack decodes each file to exactly these values and that the writer still
+produces the same bytes.
 
-    python specs/vectors/make_vectors.py            # rewrite the vectors
+The version-1 and version-2 vectors (``legacy_inputs``) were written by qpack before
+version 3 and are kept as they are: old files must read bit-exactly forever. This script
+never rewrites them or their expected values; it rewrites the version-3 vectors
+(``vector_inputs``).
+
+    python specs/vectors/make_vectors.py            # rewrite the version-3 vectors
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import sys
+import zlib
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import torch
+import zstandard
 
 HERE = Path(__file__).resolve().parent
 
 
 def vector_inputs() -> dict[str, dict]:
-    """name -> (state dict, pack options). Everything is deterministic."""
+    """Version 3: name -> (state dict, pack options). Everything is deterministic."""
+    torch.manual_seed(11)  # the Laplace samples
+    gen = torch.Generator().manual_seed(11)
+    return {
+        # compact entries only: the header is too small for zstd to pay (U = 0)
+        "v3_raw_tiny": ({"b": torch.tensor([0.5, -1.25, 3.0])}, {}),
+        # raw tensors: BatchNorm-like statistics compress best as byte planes (2.2)
+        "v3_raw_planes": ({
+            "bn.weight": 1 + 0.01 * torch.randn(96, generator=gen),
+            "bn.running_var": (0.9 + 0.1 * torch.rand(96, generator=gen)).to(torch.bfloat16),
+            "bn.running_mean": 0.01 * torch.randn(96, generator=gen, dtype=torch.float64),
+            "bn.num_batches_tracked": torch.tensor(1000, dtype=torch.int64),
+            "mask": torch.tensor([True, False, True]),
+            "empty": torch.empty(0, 4),
+        }, {}),
+        # float16 min/max per group (the default for groups), a short last group
+        "v3_uniform_group32_b4_f16": ({"w": 0.05 * torch.randn(6, 30, generator=gen)},
+                                      {"bits": 4, "granularity": "group:32", "min_numel": 1}),
+        "v3_uniform_channel_b6_f16": ({"w": (0.2 * torch.randn(4, 9, generator=gen)).to(torch.float16)},
+                                      {"bits": 6, "granularity": "channel", "param_dtype": "float16",
+                                       "min_numel": 1}),
+        "v3_kmeans_group64_b3_f16": ({"w": torch.distributions.Laplace(0.0, 0.03).sample((5, 40))},
+                                     {"bits": 3, "method": "kmeans", "granularity": "group:64", "min_numel": 1}),
+        # rANS (section 4.1) in a version-3 file, float32 min/max, a compressed header
+        "v3_uniform_b5_rans": ({"w": torch.distributions.Laplace(0.0, 0.02).sample((48, 64)),
+                                "w.bias": 0.1 * torch.randn(48, generator=gen)},
+                               {"bits": 5, "min_numel": 1}),
+    }
+
+
+def legacy_inputs() -> dict[str, dict]:
+    """Versions 1 and 2, as they were made (not rewritten: see the module docstring)."""
     torch.manual_seed(7)
     ramp = torch.tensor([[-1.0, -0.3, 0.4, 1.0], [0.2, 0.9, -0.7, 0.0]])
     gen = torch.Generator().manual_seed(42)
@@ -61,31 +103,57 @@ def spec_pack(indices: np.ndarray, bits: int) -> bytes:
     return np.packbits(bit_matrix.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
 
 
-def spec_uniform(values: np.ndarray, bits: int, channels: int, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
+#: every finite binary16 value, ascending (-0 left out: it equals +0)
+_ALL_FLOAT16 = np.unique(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32))
+_ALL_FLOAT16 = _ALL_FLOAT16[np.isfinite(_ALL_FLOAT16)]
+
+
+def float16_outward(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Section 3.2, float16 parameters: the largest binary16 <= lo, the smallest >= hi,
+    found by searching the table of all binary16 values."""
+    down = _ALL_FLOAT16[np.searchsorted(_ALL_FLOAT16, lo, side="right") - 1]
+    up = _ALL_FLOAT16[np.searchsorted(_ALL_FLOAT16, hi, side="left")]
+    return down.astype(np.float32), up.astype(np.float32)
+
+
+def spec_uniform(values: np.ndarray, bits: int, channels: int, group: int = 0,
+                 param_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Section 3.2: writer's choice of indices and the exact float32 reconstruction.
 
     Rows are channels, or groups of ``group`` elements (the short last group is padded with
     its last value for the arithmetic, then cut).
     """
+    rebuilt, q, _, _ = spec_uniform_params(values, bits, channels, group, param_dtype)
+    return rebuilt, q
+
+
+def spec_uniform_params(values: np.ndarray, bits: int, channels: int, group: int = 0,
+                        param_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``spec_uniform`` and the per-row min and max it chose (float32 values)."""
     flat = values.astype(np.float32).reshape(-1)
     count = flat.size
     if group:
         flat = np.concatenate([flat, np.repeat(flat[-1:], channels * group - count)])
     rows = flat.reshape(channels, -1)
     lo, hi = rows.min(1, keepdims=True), rows.max(1, keepdims=True)
+    if param_dtype == "float16":
+        lo, hi = float16_outward(lo, hi)
     levels = np.float32((1 << bits) - 1)
     step = np.float32(hi - lo) / levels
     safe = np.where(step > 0, step, np.float32(1))
     q = np.clip(np.rint((rows - lo) / safe), 0, levels)
     q = np.where(step > 0, q, 0).astype(np.int64)
     rebuilt = (lo + (step * q.astype(np.float32)).astype(np.float32)).astype(np.float32)
-    return rebuilt.reshape(-1)[:count], q.reshape(-1)[:count]
+    return rebuilt.reshape(-1)[:count], q.reshape(-1)[:count], lo.reshape(-1), hi.reshape(-1)
 
 
-def spec_kmeans_decode(codebook: np.ndarray, packed: bytes, bits: int, count: int) -> np.ndarray:
+def spec_kmeans_decode(codebook: np.ndarray, packed: bytes, bits: int, count: int, rows: int = 1,
+                       size: int | None = None, group: int | None = None) -> np.ndarray:
+    """Section 3.3: element k of row c is codebook[c*K + q] (rows: channels or groups)."""
     bits_array = np.unpackbits(np.frombuffer(packed, np.uint8), bitorder="little")[: count * bits]
     q = (bits_array.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(1)
-    return codebook[q]
+    row = np.arange(count) // (group or -(-count // rows))
+    return codebook[row * (size or codebook.size) + q]
 
 
 def spec_rans_decode(payload: bytes, count: int) -> np.ndarray:
@@ -110,38 +178,101 @@ def spec_rans_decode(payload: bytes, count: int) -> np.ndarray:
     return out
 
 
-def stored_payload(reader, key: str) -> bytes:
-    entry = reader.entry(key)
-    with open(reader.path, "rb") as f:
-        f.seek(reader.data_start + entry.offset)
-        return f.read(entry.length)
+#: section 2.4: what a version-3 entry leaves out (width's default is its bits)
+_COMPACT_DEFAULTS = {"encoding": "raw", "bits": 0, "granularity": "tensor", "group_size": 0,
+                     "param_dtype": "float32", "params": {}, "compression": "none", "stats": {}}
 
 
-def expected_for(name: str, state: dict, reader) -> dict:
+def _align64(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def spec_read(path: Path) -> tuple[int, bool, list[dict], list[bytes]]:
+    """Sections 1 and 2.4: (version, header compressed?, entries with every key, stored payloads)."""
+    data = path.read_bytes()
+    magic, version, length, crc, field = struct.unpack("<8sIIII", data[:24])
+    assert magic == b"\x89QPK\r\n\x1a\n" and zlib.crc32(data[24:24 + length]) == crc
+    stored = data[24:24 + length]
+    raw = stored
+    if version >= 3 and field:  # U: the header is one zstd frame of U bytes
+        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=field)
+        assert len(raw) == field
+    doc = msgpack.unpackb(raw, raw=False)
+    start, end, entries, payloads = _align64(24 + length), 0, [], []
+    for stored_entry in doc["tensors"]:
+        entry = {**stored_entry, "param_dtype": "float32"}  # versions 1 and 2: float32 only
+        if version >= 3:
+            entry = {**_COMPACT_DEFAULTS, "width": stored_entry.get("bits", 0), **stored_entry}
+            entry["offset"] = _align64(end)
+        assert entry["offset"] == _align64(end)
+        end = entry["offset"] + entry["length"]
+        entries.append(entry)
+        payloads.append(data[start + entry["offset"]: start + end])
+    assert start + end == len(data)
+    return version, bool(version >= 3 and field), entries, payloads
+
+
+def _rows(entry: dict) -> int:
+    numel = int(np.prod(entry["shape"]))
+    return {"tensor": 1, "channel": entry["shape"][0] if entry["shape"] else 1,
+            "group": -(-numel // max(entry["group_size"], 1))}[entry["granularity"]]
+
+
+def _params(entry: dict, key: str) -> np.ndarray:
+    """Section 3: a parameter array as float32 (binary16 widened exactly)."""
+    return np.frombuffer(entry["params"][key], "<f2" if entry["param_dtype"] == "float16" else "<f4").astype(np.float32)
+
+
+def _decompressed(entry: dict, stored: bytes) -> bytes:
+    """Section 2.2: the raw_length bytes a zstd or zstd_planes payload holds (planes joined)."""
+    if entry["compression"] == "none":
+        return stored
+    raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=1 << 24)
+    if entry["compression"] == "zstd_planes":
+        k = torch.empty(0, dtype=getattr(torch, entry["dtype"])).element_size()
+        raw = np.frombuffer(raw, np.uint8).reshape(k, -1).T.tobytes()  # P[j*n + i] = B[i*k + j]
+    return raw
+
+
+def expected_for(name: str, state: dict, path: Path) -> dict:
+    version, compressed_header, entries, payloads = spec_read(path)
     out = {}
-    for key, tensor in state.items():
-        entry = reader.entry(key)
-        record = {"dtype": entry.dtype, "shape": list(entry.shape), "encoding": entry.encoding}
-        if entry.compression == "rans":
-            q = spec_rans_decode(stored_payload(reader, key), int(np.prod(entry.shape)))
+    for (key, tensor), entry, stored in zip(state.items(), entries, payloads):
+        assert entry["name"] == key
+        shape, numel = entry["shape"], int(np.prod(entry["shape"]))
+        record = {"dtype": entry["dtype"], "shape": list(shape), "encoding": entry["encoding"]}
+        if version >= 3:
+            record.update(version=version, header_compressed=compressed_header,
+                          compression=entry["compression"], param_dtype=entry["param_dtype"])
+        if entry["compression"] == "rans":
+            q = spec_rans_decode(stored, numel)
             record["compression"] = "rans"
-            record["rans_indices_packed_hex"] = spec_pack(q, entry.width).hex()
-        if entry.encoding == "raw":
+            record["rans_indices_packed_hex"] = spec_pack(q, entry["width"]).hex()
+            packed = bytes.fromhex(record["rans_indices_packed_hex"])
+        else:
+            packed = _decompressed(entry, stored)
+        if entry["encoding"] == "raw":
             values = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+            assert packed == values, f"{name}/{key}: the spec's decoding of the payload is not the tensor"
             record["value_bytes_hex"] = values.hex()
-        elif entry.encoding == "uniform":
-            rebuilt, q = spec_uniform(tensor.float().numpy(), entry.bits, entry.channels, entry.group_size)
-            packed = spec_pack(q, entry.width)
-            final = torch.from_numpy(rebuilt.reshape(entry.shape)).to(tensor.dtype)
-            record["payload_hex"] = packed.hex()
+        elif entry["encoding"] == "uniform":
+            rebuilt, q, lo, hi = spec_uniform_params(tensor.float().numpy(), entry["bits"], _rows(entry),
+                                                     entry["group_size"] if entry["granularity"] == "group" else 0,
+                                                     entry["param_dtype"])
+            assert np.array_equal(_params(entry, "min"), lo) and np.array_equal(_params(entry, "max"), hi), \
+                f"{name}/{key}: the writer's min/max are not the spec's choice"
+            final = torch.from_numpy(rebuilt.reshape(shape)).to(tensor.dtype)
+            record["payload_hex"] = spec_pack(q, entry["width"]).hex()
             record["value_bytes_hex"] = final.contiguous().view(torch.uint8).numpy().tobytes().hex()
+            if version >= 3:
+                record["params_hex"] = {k: entry["params"][k].hex() for k in ("min", "max")}
         else:  # kmeans: the codebook is the writer's choice; decoding follows the spec
-            book = np.frombuffer(entry.params["codebook"], "<f4")
-            payload = (bytes.fromhex(record["rans_indices_packed_hex"]) if entry.compression == "rans"
-                       else reader.read_payload(key).numpy().tobytes())
-            values = spec_kmeans_decode(book, payload, entry.width, int(np.prod(entry.shape)))
+            book = _params(entry, "codebook")
+            size = entry["params"]["codebook_size"]
+            values = spec_kmeans_decode(book, packed, entry["width"], numel, _rows(entry), size,
+                                        entry["group_size"] or None)
             record["codebook"] = book.tolist()
-            record["value_bytes_hex"] = torch.from_numpy(values.reshape(entry.shape).astype(np.float32)).to(tensor.dtype).view(torch.uint8).numpy().tobytes().hex()
+            record["value_bytes_hex"] = torch.from_numpy(values.reshape(shape).astype(np.float32)).to(tensor.dtype).view(torch.uint8).numpy().tobytes().hex()
         out[key] = record
     return out
 
@@ -150,14 +281,14 @@ def main() -> int:
     sys.path.insert(0, str(HERE.parents[1]))
     import qpack
 
-    expected = {}
+    previous = json.loads((HERE / "expected.json").read_text())
+    expected = {name: previous[name] for name in legacy_inputs()}  # never rewritten
     for name, (state, options) in vector_inputs().items():
         path = HERE / f"{name}.qpk"
         qpack.pack(state, path, force=True, **options)
-        with qpack.QpkReader(path) as reader:
-            expected[name] = {"options": options, "tensors": expected_for(name, state, reader)}
+        expected[name] = {"options": options, "tensors": expected_for(name, state, path)}
     (HERE / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
-    print(f"wrote {len(expected)} vectors to {HERE}")
+    print(f"wrote {len(vector_inputs())} version-3 vectors to {HERE}, kept {len(legacy_inputs())} older ones")
     return 0
 
 
