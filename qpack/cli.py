@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rans", choices=["auto", "always", "never"], default="auto",
                    help="entropy-code indices with rANS: auto (when it saves 5 %%), always (when smaller), "
                         "never (faster loading)")
-    p.add_argument("--param-dtype", choices=["auto", "float32", "float16"], default="auto",
+    p.add_argument("--param-dtype", choices=["auto", "float32", "float16", "uint8"], default="auto",
                    help="stored min/max and codebooks: float16 halves their bytes (1 bit per weight at "
-                        "group:32); auto: float16 for group granularity, float32 otherwise")
+                        "group:32), uint8 codes them in 8 bits under a float32 base per tensor (0.5 bit, "
+                        "uniform only); auto: float16 for group granularity, float32 otherwise")
     allocation = p.add_mutually_exclusive_group()
     allocation.add_argument("--target-bpw", type=float, metavar="X",
                             help="choose each tensor's bits (1-8) and granularity so the file has at most X "

@@ -125,14 +125,20 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
     keep_zero = bool(decision.prune) or decision.exact_zero
     params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=keep_zero)
     param_dtype = "float32"
-    if decision.param_dtype == "float16" and not keep_zero:  # an exact zero needs float32's min and step
+    stored_params = None
+    if decision.param_dtype == "uint8" and codec is codecs.uniform and not keep_zero:
+        coded = codec.as_uint8(params)
+        if coded is not None:
+            (params, stored_params), param_dtype = coded, "uint8"
+    if decision.param_dtype != "float32" and param_dtype == "float32" and not keep_zero:
+        # float16 (k-means codebooks under "uint8" too); an exact zero needs float32's min and step
         half = codec.as_float16(params)
         if half is not None:
             params, param_dtype = half, "float16"
     indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length)
     width, compression, stored = _store_indices(indices, bits, counts, decision.rans)
     entry = TensorEntry(name, dtype, shape, decision.encoding, bits, decision.granularity,
-                        _params_to_header(params, param_dtype), compression=compression,
+                        _params_to_header(params, param_dtype, stored_params), compression=compression,
                         raw_length=expected_raw_length(dtype, shape, decision.encoding, width),
                         width=width, group_size=group_size, param_dtype=param_dtype)
     row.param_dtype = param_dtype
@@ -268,7 +274,11 @@ def _quantize_blocks(codec: Any, tensor: torch.Tensor, original: torch.Tensor, p
     return indices, counts, signal, noise
 
 
-def _params_to_header(params: dict[str, torch.Tensor], param_dtype: str = "float32") -> dict[str, Any]:
+def _params_to_header(params: dict[str, torch.Tensor], param_dtype: str = "float32",
+                      stored: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    if stored is not None:  # uint8 codes and their float32 base (spec 3.2)
+        return {"min": stored["min"].tobytes(), "max": stored["max"].tobytes(),
+                "base": stored["base"].astype("<f4").tobytes()}
     out: dict[str, Any] = {}
     code = PARAM_DTYPES[param_dtype]
     for key, value in params.items():

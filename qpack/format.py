@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+from .codecs.uniform import from_uint8
 from .dtypes import DTYPES, is_float_name
 from .errors import ChecksumError, FormatError, UnsupportedVersionError
 
@@ -64,8 +65,10 @@ MIN_GROUP, MAX_GROUP = 16, 65536
 COMPRESSIONS = ("none", "zstd", "rans", "zstd_planes")
 #: the compression each version introduced (R15)
 COMPRESSION_VERSION = {"none": 1, "zstd": 1, "rans": RANS_VERSION, "zstd_planes": COMPACT_VERSION}
-#: parameter element types (R13): float16 from version 3 on
-PARAM_DTYPES = {"float32": "<f4", "float16": "<f2"}
+#: parameter element types (R13), all but float32 from version 3 on; "uint8": 8-bit codes of
+#: each row's min and max under a float32 base per tensor (uniform only, spec 3.2)
+PARAM_DTYPES = {"float32": "<f4", "float16": "<f2", "uint8": "<u1"}
+UINT8_PARAM_KEYS = frozenset({"min", "max", "base"})
 TENSOR_KEYS = frozenset(
     {"name", "dtype", "shape", "encoding", "bits", "width", "granularity", "group_size", "params",
      "offset", "length", "raw_length", "compression", "crc32", "stats"}
@@ -212,8 +215,14 @@ def version_for(entries: list[TensorEntry]) -> int:
 
 
 def param_values(entry: TensorEntry, key: str) -> np.ndarray:
-    """A parameter array of ``entry`` ("min", "max" or "codebook") as float32 (float16 widened
-    exactly, spec 3)."""
+    """A parameter array of ``entry`` ("min", "max" or "codebook") as float32: float16 widened
+    exactly, uint8 codes decoded with their base (spec 3)."""
+    if entry.param_dtype == "uint8":
+        base = np.frombuffer(entry.params["base"], dtype="<f4")
+        if key == "base":
+            return base.copy()
+        lo, hi = from_uint8(np.frombuffer(entry.params["min"], np.uint8), np.frombuffer(entry.params["max"], np.uint8), base)
+        return lo if key == "min" else hi
     return np.frombuffer(entry.params[key], dtype=PARAM_DTYPES[entry.param_dtype]).astype(np.float32)
 
 
@@ -561,7 +570,7 @@ def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> Tenso
         _expect(isinstance(raw[key], str), "R8", f"{where}: {key} must be a string")
     param_dtype = raw.get("param_dtype", "float32")
     _expect(isinstance(param_dtype, str) and param_dtype in PARAM_DTYPES, "R13",
-            f"{where}: unknown param_dtype {str(param_dtype)[:40]!r}; float32 or float16")
+            f"{where}: unknown param_dtype {str(param_dtype)[:40]!r}; float32, float16 or uint8")
     _expect(raw["crc32"] < 1 << 32, "R8", f"{where}: crc32 out of range")
     dtype = raw["dtype"]
     _expect(dtype in DTYPES, "R10", f"{where}: unknown dtype {dtype[:40]!r}")
@@ -641,8 +650,29 @@ def _float_array(where: str, key: str, value: Any, count: int, param_dtype: str)
     return values
 
 
+def _parse_uint8_params(where: str, encoding: str, channels: int, params: Any) -> dict[str, Any]:
+    """R13 for two-level parameters: uniform only, codes of C bytes, a finite base whose
+    steps are >= 0, and decoded rows with min <= max and a finite span."""
+    _expect(encoding == "uniform", "R13", f"{where}: uint8 parameters are for uniform grids only")
+    _expect(isinstance(params, dict) and set(params) == UINT8_PARAM_KEYS, "R13",
+            f"{where}: uint8 params must have exactly the keys {sorted(UINT8_PARAM_KEYS)}")
+    for key in ("min", "max"):
+        _expect(isinstance(params[key], bytes) and len(params[key]) == channels, "R13",
+                f"{where}: params.{key} must be {channels} bytes of uint8 codes")
+    base = _float_array(where, "base", params["base"], 4, "float32")
+    _expect(base[1] >= 0 and base[3] >= 0, "R13", f"{where}: params.base steps must be >= 0")
+    lo, hi = from_uint8(np.frombuffer(params["min"], np.uint8), np.frombuffer(params["max"], np.uint8), base)
+    _expect(bool(np.isfinite(lo).all() and np.isfinite(hi).all()), "R13", f"{where}: a decoded min or max overflows float32")
+    _expect(bool((lo <= hi).all()), "R13", f"{where}: a decoded min is above its max")
+    with np.errstate(over="ignore"):
+        _expect(bool(np.isfinite(hi - lo).all()), "R13", f"{where}: max - min overflows float32")
+    return dict(params)
+
+
 def _parse_params(where: str, encoding: str, bits: int, channels: int, params: Any,
                   param_dtype: str = "float32") -> dict[str, Any]:
+    if param_dtype == "uint8":
+        return _parse_uint8_params(where, encoding, channels, params)
     _expect(isinstance(params, dict) and set(params) == PARAM_KEYS[encoding], "R13",
             f"{where}: params for {encoding} must have exactly the keys {sorted(PARAM_KEYS[encoding])}")
     if encoding == "uniform":

@@ -17,7 +17,7 @@ __all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "PARAM_DTYPES", "pa
 METHODS = ("uniform", "kmeans")
 RANS_MODES = ("auto", "always", "never")
 #: element type of stored min/max and codebooks (spec 3): "auto" is float16 for groups
-PARAM_DTYPES = ("auto", "float32", "float16")
+PARAM_DTYPES = ("auto", "float32", "float16", "uint8")
 GRANULARITIES = ("tensor", "channel", "group:G")
 MIN_GROUP, MAX_GROUP = 16, 65536
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -76,6 +76,9 @@ class Policy:
             about 0.1 % of its range, float32 otherwise. Tensors whose parameters float16
             cannot hold (beyond +-65504, or ranges so small that rounding widens them more
             than 1 %), and grids with an exact zero (``exact_zero``, ``prune``), keep float32.
+            "uint8": two levels, as GGUF's K-quants: each row's min and max as an 8-bit code
+            under a float32 base per tensor (a quarter of float32's bytes: 0.5 bit per weight
+            at groups of 32); uniform grids only (k-means codebooks get float16).
     """
 
     bits: int = 8

@@ -55,6 +55,22 @@ def test_groups_get_float16_parameters_by_default_and_stay_within_half_a_step(tm
     assert (tmp_path / "g.qpk").stat().st_size < (tmp_path / "f.qpk").stat().st_size - 3 * entry.channels
 
 
+def test_uint8_parameters_cost_a_quarter_and_still_cover_every_group(tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(64, 96, generator=gen) * torch.linspace(0.01, 1, 64)[:, None]
+    qpack.pack({"w": w}, tmp_path / "u.qpk", bits=4, granularity="group:32", param_dtype="uint8")
+    qpack.pack({"w": w}, tmp_path / "h.qpk", bits=4, granularity="group:32", param_dtype="float16")
+    coded, half = entries_of(tmp_path / "u.qpk")["w"], entries_of(tmp_path / "h.qpk")["w"]
+    assert coded.param_dtype == "uint8" and len(coded.params["min"]) == coded.channels
+    step, worst = steps_and_errors(tmp_path / "u.qpk", w)
+    assert np.all(worst <= step / 2 * (1 + 1e-5))
+    assert coded.stats["snr_db"] >= half.stats["snr_db"] - 0.3
+    assert (tmp_path / "u.qpk").stat().st_size < (tmp_path / "h.qpk").stat().st_size - coded.channels
+    # k-means codebooks have no two-level form: they get float16
+    qpack.pack({"w": w}, tmp_path / "k.qpk", bits=2, method="kmeans", granularity="group:64", param_dtype="uint8")
+    assert entries_of(tmp_path / "k.qpk")["w"].param_dtype == "float16"
+
+
 def test_float16_parameters_where_they_cannot_serve_stay_float32(tmp_path):
     gen = torch.Generator().manual_seed(4)
     state = {"huge": torch.randn(8, 32, generator=gen) * 1e5,  # beyond float16's range

@@ -744,6 +744,19 @@ def sample3_tensors() -> list[tuple[TensorEntry, bytes, torch.Tensor]]:
     entry.param_dtype = "float16"
     values = books.astype(np.float32)[np.arange(20) // 16, idx.numpy()].reshape(4, 5)
     out.append((entry, pack_bits(idx, 1).numpy().tobytes(), torch.from_numpy(values)))
+    # uniform in groups of 16, two-level parameters: 8-bit codes of min and max under a base
+    codes_lo, codes_hi = np.uint8([0, 10, 255]), np.uint8([3, 0, 200])
+    base = np.float32([-1.0, 0.001, 0.25, 0.004])
+    lo32 = (base[0] + (base[1] * codes_lo.astype(np.float32)).astype(np.float32)).astype(np.float32)
+    hi32 = (base[2] + (base[3] * codes_hi.astype(np.float32)).astype(np.float32)).astype(np.float32)
+    steps = ((hi32 - lo32).astype(np.float32) / np.float32(3)).astype(np.float32)
+    idx = torch.randint(0, 4, (40,), generator=gen)
+    rows = np.arange(40) // 16
+    values = (lo32[rows] + (steps[rows] * idx.numpy().astype(np.float32)).astype(np.float32)).astype(np.float32)
+    entry = _entry("uniform.u8", torch.zeros(8, 5), "uniform", 2, "group",
+                   {"min": codes_lo.tobytes(), "max": codes_hi.tobytes(), "base": _f32(base)}, group_size=16)
+    entry.param_dtype = "uint8"
+    out.append((entry, pack_bits(idx, 2).numpy().tobytes(), torch.from_numpy(values.reshape(8, 5))))
     # raw float32 stored as zstd of its byte planes
     stats = 1 + torch.arange(64, dtype=torch.float32) / 1024
     entry = _entry("raw.planes", stats)
@@ -910,6 +923,23 @@ def test_r13_param_dtype_and_float16_parameters(tmp_path, sample3_bytes):
     rejects(tmp_path, assemble3(changed, payloads), "R13")
     changed = json_copy(doc)
     changed["tensors"][index_of(doc, "kmeans.f16")]["params"]["codebook"] = _f16([0.1, 0.2, -3.0, np.nan])
+    rejects(tmp_path, assemble3(changed, payloads), "R13")
+
+
+def test_r13_uint8_parameters(tmp_path, sample3_bytes):
+    doc, payloads = split3(sample3_bytes)
+    at = index_of(doc, "uniform.u8")
+    for edit in (lambda e: e["params"].update(min=bytes(4)),  # 3 rows: 3 codes
+                 lambda e: e["params"].update(base=_f32([-1.0, -0.001, 0.25, 0.004])),  # a negative step
+                 lambda e: e["params"].update(base=_f32([-1.0, 0.001, np.nan, 0.004])),
+                 lambda e: e["params"].update(base=_f32([3e38, 1e37, 3e38, 1e37])),  # decodes past float32
+                 lambda e: e["params"].update(base=_f32([1.0, 0.001, 0.25, 0.004])),  # a min above its max
+                 lambda e: e["params"].pop("base")):
+        changed = json_copy(doc)
+        edit(changed["tensors"][at])
+        rejects(tmp_path, assemble3(changed, payloads), "R13")
+    changed = json_copy(doc)
+    changed["tensors"][index_of(doc, "kmeans.f16")]["param_dtype"] = "uint8"  # uniform only
     rejects(tmp_path, assemble3(changed, payloads), "R13")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .rows import as_rows, from_rows
 
-__all__ = ["choose_params", "quantize", "dequantize", "step_of", "as_float16"]
+__all__ = ["choose_params", "quantize", "dequantize", "step_of", "as_float16", "as_uint8", "from_uint8"]
 
 #: float16 parameters are used only when rounding them widens the grids' spans (root mean
 #: square over rows) by at most this share
@@ -77,6 +77,71 @@ def as_float16(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | Non
     if after > before * (1 + FLOAT16_MAX_WIDENING) ** 2:
         return None
     return {"min": torch.from_numpy(new_lo), "max": torch.from_numpy(new_hi)}
+
+
+def from_uint8(min_codes: np.ndarray, max_codes: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-level parameters (spec 3.2, param_dtype "uint8"): each row's min and max from its
+    8-bit codes a, b and the tensor's float32 base (m0, ms, M0, Ms), in float32, no FMA:
+
+        min[c] = fl32(m0 + fl32(ms * a[c]))      max[c] = fl32(M0 + fl32(Ms * b[c]))
+    """
+    m0, ms, top0, top_step = (np.float32(v) for v in base)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by the reader (R13)
+        lo = (m0 + (ms * min_codes.astype(np.float32)).astype(np.float32)).astype(np.float32)
+        hi = (top0 + (top_step * max_codes.astype(np.float32)).astype(np.float32)).astype(np.float32)
+    return lo, hi
+
+
+def as_uint8(params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]] | None:
+    """The parameters as 8-bit codes under a float32 base per tensor, or None when that does
+    not fit (GGUF's K-quants do the same with 6-bit scales under a float16 super-scale).
+
+    Mins are coded from the smallest min up and rounded down, maxes from the smallest max up
+    and rounded up, so each row's grid still covers its values. Returns the decoded min/max
+    (float32, what the reader computes) and the stored codes and base.
+    """
+    lo, hi = params["min"].numpy().astype(np.float32), params["max"].numpy().astype(np.float32)
+    m0, top0 = lo.min(), hi.min()
+    ms = _covering_step(m0, lo.max())
+    top_step = _covering_step(top0, hi.max())
+    if ms is None or top_step is None:
+        return None
+    base = np.array([m0, ms, top0, top_step], dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.floor(np.where(ms > 0, (lo - m0) / ms, 0)).clip(0, 255).astype(np.uint8)
+        b = np.ceil(np.where(top_step > 0, (hi - top0) / top_step, 0)).clip(0, 255).astype(np.uint8)
+    # the division above rounds: take the next code where it still covers the row (a tighter
+    # grid), then step back wherever a decoded value does not cover it
+    up = np.minimum(a.astype(np.int64) + 1, 255).astype(np.uint8)
+    down = np.maximum(b.astype(np.int64) - 1, 0).astype(np.uint8)
+    tighter_lo, tighter_hi = from_uint8(up, down, base)
+    a = np.where(tighter_lo <= lo, up, a).astype(np.uint8)
+    b = np.where(tighter_hi >= hi, down, b).astype(np.uint8)
+    for _ in range(4):
+        new_lo, new_hi = from_uint8(a, b, base)
+        low, high = new_lo > lo, new_hi < hi
+        if not (low.any() or high.any()):
+            break
+        a = np.where(low & (a > 0), a - 1, a).astype(np.uint8)
+        b = np.where(high & (b < 255), b + 1, b).astype(np.uint8)
+    new_lo, new_hi = from_uint8(a, b, base)
+    if (new_lo > lo).any() or (new_hi < hi).any() or not np.isfinite(new_hi - new_lo).all():
+        return None
+    return ({"min": torch.from_numpy(new_lo), "max": torch.from_numpy(new_hi)},
+            {"min": a, "max": b, "base": base})
+
+
+def _covering_step(start: np.float32, end: np.float32) -> np.float32 | None:
+    """The smallest float32 step s with fl32(start + fl32(s * 255)) >= end (0 if end == start)."""
+    if end <= start:
+        return np.float32(0)
+    with np.errstate(over="ignore"):
+        step = np.float32((np.float64(end) - np.float64(start)) / 255)
+        for _ in range(64):
+            if np.float32(start + np.float32(step * np.float32(255))) >= end:
+                return step if np.isfinite(step) else None
+            step = np.nextafter(step, np.float32(np.inf), dtype=np.float32)
+    return None
 
 
 def _range_with_exact_zero(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
