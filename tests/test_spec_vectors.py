@@ -43,7 +43,7 @@ def test_vector_decodes_to_spec_values(name):
                 assert reader.version == record["version"] == 3
                 assert (entry.compression, entry.param_dtype) == (record["compression"], record["param_dtype"])
             if "params_hex" in record:  # the writer's min/max are the spec's outward rounding
-                assert {k: reader.entry(key).params[k].hex() for k in ("min", "max")} == record["params_hex"]
+                assert {k: v.hex() for k, v in reader.entry(key).params.items()} == record["params_hex"]
 
 
 def test_vectors_cover_old_versions_and_every_version_3_feature():
@@ -55,7 +55,7 @@ def test_vectors_cover_old_versions_and_every_version_3_feature():
     assert versions == {1, 2}
     records = [r for name in CURRENT for r in EXPECTED[name]["tensors"].values()]
     assert {r["compression"] for r in records} == {"none", "zstd_planes", "rans"}
-    assert {r["param_dtype"] for r in records if r["encoding"] != "raw"} == {"float16", "float32"}
+    assert {r["param_dtype"] for r in records if r["encoding"] != "raw"} == {"float16", "float32", "uint8"}
     assert {r["encoding"] for r in records if r["param_dtype"] == "float16"} == {"uniform", "kmeans"}
     assert all(r["header_compressed"] for r in records)
 
@@ -85,6 +85,17 @@ def test_float16_worked_example_of_the_spec():
     assert step.view(torch.int32).item() == 0x3E089000
     levels = uniform.dequantize(torch.arange(4), ours, 2, (4,), torch.float32)
     assert levels.tolist() == [-0.10003662109375, 0.0333251953125, 0.16668701171875, 0.300048828125]
+
+
+def test_uint8_worked_example_of_the_spec():
+    # spec 3.2: two rows, minima -0.5, -0.25 and maxima 0.5, 1.0
+    lo, hi = np.float32([-0.5, -0.25]), np.float32([0.5, 1.0])
+    new_lo, new_hi, a, b, base = make_vectors.spec_uint8_params(lo, hi)
+    assert base.view(np.uint32).tolist() == [0xBF000000, 0x3A808081, 0x3F000000, 0x3B008081]
+    assert a.tolist() == b.tolist() == [0, 255] and new_lo.tolist() == [-0.5, -0.25] and new_hi.tolist() == [0.5, 1.0]
+    decoded, stored = uniform.as_uint8({"min": torch.from_numpy(lo), "max": torch.from_numpy(hi)})
+    assert stored["base"].tobytes() == base.tobytes() and stored["min"].tolist() == [0, 255]
+    assert decoded["min"].tolist() == [-0.5, -0.25] and decoded["max"].tolist() == [0.5, 1.0]
 
 
 def test_byte_planes_worked_example_of_the_spec():

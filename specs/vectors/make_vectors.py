@@ -60,6 +60,10 @@ def vector_inputs() -> dict[str, dict]:
         "v3_uniform_b5_rans": ({"w": torch.distributions.Laplace(0.0, 0.02).sample((48, 64)),
                                 "w.bias": 0.1 * torch.randn(48, generator=gen)},
                                {"bits": 5, "min_numel": 1}),
+        # two-level parameters: 8-bit min/max codes under a float32 base (3.2)
+        "v3_uniform_group32_b4_u8": ({"w": 0.05 * torch.randn(8, 36, generator=gen)},
+                                     {"bits": 4, "granularity": "group:32", "param_dtype": "uint8",
+                                      "min_numel": 1}),
     }
 
 
@@ -116,6 +120,31 @@ def float16_outward(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndar
     return down.astype(np.float32), up.astype(np.float32)
 
 
+def spec_uint8_base(values: np.ndarray) -> tuple[np.float32, np.float32]:
+    """Section 3.2, uint8: the start (the smallest value) and the step the writer takes."""
+    start, end = np.float32(values.min()), np.float32(values.max())
+    if end == start:
+        return start, np.float32(0)
+    step = np.float32((np.float64(end) - np.float64(start)) / 255)
+    while np.float32(start + np.float32(step * np.float32(255))) < end:
+        step = np.nextafter(step, np.float32(np.inf), dtype=np.float32)
+    return start, step
+
+
+def spec_uint8_params(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Section 3.2, uint8: (decoded min, decoded max, min codes, max codes, base); every one
+    of the 256 levels is decoded and the covering code found by searching them."""
+    m0, ms = spec_uint8_base(lo)
+    top0, top_step = spec_uint8_base(hi)
+    codes = np.arange(256, dtype=np.float32)
+    low_levels = (m0 + (ms * codes).astype(np.float32)).astype(np.float32)
+    high_levels = (top0 + (top_step * codes).astype(np.float32)).astype(np.float32)
+    a = np.array([np.flatnonzero(low_levels <= v).max() for v in lo.reshape(-1)], dtype=np.uint8)
+    b = np.array([np.flatnonzero(high_levels >= v).min() for v in hi.reshape(-1)], dtype=np.uint8)
+    base = np.array([m0, ms, top0, top_step], dtype=np.float32)
+    return low_levels[a], high_levels[b], a, b, base
+
+
 def spec_uniform(values: np.ndarray, bits: int, channels: int, group: int = 0,
                  param_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Section 3.2: writer's choice of indices and the exact float32 reconstruction.
@@ -123,13 +152,14 @@ def spec_uniform(values: np.ndarray, bits: int, channels: int, group: int = 0,
     Rows are channels, or groups of ``group`` elements (the short last group is padded with
     its last value for the arithmetic, then cut).
     """
-    rebuilt, q, _, _ = spec_uniform_params(values, bits, channels, group, param_dtype)
+    rebuilt, q, *_ = spec_uniform_params(values, bits, channels, group, param_dtype)
     return rebuilt, q
 
 
 def spec_uniform_params(values: np.ndarray, bits: int, channels: int, group: int = 0,
                         param_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``spec_uniform`` and the per-row min and max it chose (float32 values)."""
+    """``spec_uniform``, the per-row min and max it chose (float32 values) and those
+    parameters as the writer stores them."""
     flat = values.astype(np.float32).reshape(-1)
     count = flat.size
     if group:
@@ -138,13 +168,21 @@ def spec_uniform_params(values: np.ndarray, bits: int, channels: int, group: int
     lo, hi = rows.min(1, keepdims=True), rows.max(1, keepdims=True)
     if param_dtype == "float16":
         lo, hi = float16_outward(lo, hi)
+    stored = {}
+    if param_dtype == "uint8":
+        new_lo, new_hi, a, b, base = spec_uint8_params(lo.reshape(-1), hi.reshape(-1))
+        lo, hi = new_lo.reshape(-1, 1), new_hi.reshape(-1, 1)
+        stored = {"min": a.tobytes(), "max": b.tobytes(), "base": base.astype("<f4").tobytes()}
+    else:
+        code = "<f2" if param_dtype == "float16" else "<f4"
+        stored = {"min": lo.reshape(-1).astype(code).tobytes(), "max": hi.reshape(-1).astype(code).tobytes()}
     levels = np.float32((1 << bits) - 1)
     step = np.float32(hi - lo) / levels
     safe = np.where(step > 0, step, np.float32(1))
     q = np.clip(np.rint((rows - lo) / safe), 0, levels)
     q = np.where(step > 0, q, 0).astype(np.int64)
     rebuilt = (lo + (step * q.astype(np.float32)).astype(np.float32)).astype(np.float32)
-    return rebuilt.reshape(-1)[:count], q.reshape(-1)[:count], lo.reshape(-1), hi.reshape(-1)
+    return rebuilt.reshape(-1)[:count], q.reshape(-1)[:count], lo.reshape(-1), hi.reshape(-1), stored
 
 
 def spec_kmeans_decode(codebook: np.ndarray, packed: bytes, bits: int, count: int, rows: int = 1,
@@ -219,7 +257,12 @@ def _rows(entry: dict) -> int:
 
 
 def _params(entry: dict, key: str) -> np.ndarray:
-    """Section 3: a parameter array as float32 (binary16 widened exactly)."""
+    """Section 3: a parameter array as float32 (binary16 widened exactly, uint8 codes decoded)."""
+    if entry["param_dtype"] == "uint8":
+        m0, ms, top0, top_step = np.frombuffer(entry["params"]["base"], "<f4")
+        start, step = (m0, ms) if key == "min" else (top0, top_step)
+        codes = np.frombuffer(entry["params"][key], np.uint8).astype(np.float32)
+        return (start + (step * codes).astype(np.float32)).astype(np.float32)
     return np.frombuffer(entry["params"][key], "<f2" if entry["param_dtype"] == "float16" else "<f4").astype(np.float32)
 
 
@@ -256,16 +299,17 @@ def expected_for(name: str, state: dict, path: Path) -> dict:
             assert packed == values, f"{name}/{key}: the spec's decoding of the payload is not the tensor"
             record["value_bytes_hex"] = values.hex()
         elif entry["encoding"] == "uniform":
-            rebuilt, q, lo, hi = spec_uniform_params(tensor.float().numpy(), entry["bits"], _rows(entry),
+            rebuilt, q, lo, hi, stored_params = spec_uniform_params(tensor.float().numpy(), entry["bits"], _rows(entry),
                                                      entry["group_size"] if entry["granularity"] == "group" else 0,
                                                      entry["param_dtype"])
             assert np.array_equal(_params(entry, "min"), lo) and np.array_equal(_params(entry, "max"), hi), \
                 f"{name}/{key}: the writer's min/max are not the spec's choice"
+            assert entry["params"] == stored_params, f"{name}/{key}: stored parameters differ from the spec's"
             final = torch.from_numpy(rebuilt.reshape(shape)).to(tensor.dtype)
             record["payload_hex"] = spec_pack(q, entry["width"]).hex()
             record["value_bytes_hex"] = final.contiguous().view(torch.uint8).numpy().tobytes().hex()
             if version >= 3:
-                record["params_hex"] = {k: entry["params"][k].hex() for k in ("min", "max")}
+                record["params_hex"] = {k: v.hex() for k, v in entry["params"].items()}
         else:  # kmeans: the codebook is the writer's choice; decoding follows the spec
             book = _params(entry, "codebook")
             size = entry["params"]["codebook_size"]
