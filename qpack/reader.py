@@ -262,13 +262,18 @@ def _check_crc(entry: TensorEntry, data: bytes | memoryview) -> None:
         raise ChecksumError("R18", f"tensor {entry.name!r}: payload checksum mismatch (the file is corrupted)")
 
 
-def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
+def _check_declared_size(entry: TensorEntry, frame_start: bytes) -> None:
+    """R19: the payload starts a zstd frame (not a skippable one) declaring raw_length bytes."""
     try:
-        declared = zstandard.frame_content_size(stored)
+        declared = zstandard.frame_content_size(frame_start)
     except zstandard.ZstdError as exc:
         raise FormatError("R19", f"tensor {entry.name!r}: not a zstd frame: {exc}") from None
     if declared != entry.raw_length:
         raise FormatError("R19", f"tensor {entry.name!r}: zstd frame declares {declared} bytes, header says {entry.raw_length}")
+
+
+def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
+    _check_declared_size(entry, stored)
     try:
         # the output buffer is the declared size, which R19 just pinned to raw_length (itself
         # at most MAX_ZSTD_EXPANSION times the payload, R15); data after the frame is an error
@@ -343,36 +348,36 @@ _ZSTD_FEED_BYTES = 512
 def _check_streamed(entry: TensorEntry, fd: int, position: int) -> None:
     """R18-R20 on a "none" or "zstd" payload, piece by piece (same errors as decoding it)."""
     crc = 0
-    for start in range(0, entry.length, _PIECE_BYTES):
-        piece = os.pread(fd, min(_PIECE_BYTES, entry.length - start), position + start)
-        if len(piece) != min(_PIECE_BYTES, entry.length - start):
-            raise FormatError("R16", f"tensor {entry.name!r}: file shrank while being read")
+    for piece in _stored_pieces(entry, fd, position):
         crc = zlib.crc32(piece, crc)
     if crc != entry.crc32:
         raise ChecksumError("R18", f"tensor {entry.name!r}: payload checksum mismatch (the file is corrupted)")
     check = _PieceCheck(entry)
     if entry.compression == "none":
-        for start in range(0, entry.length, _PIECE_BYTES):
-            check.feed(os.pread(fd, min(_PIECE_BYTES, entry.length - start), position + start))
+        for piece in _stored_pieces(entry, fd, position):
+            check.feed(piece)
     else:
         _zstd_pieces(entry, fd, position, check)
     check.finish()
 
 
+def _stored_pieces(entry: TensorEntry, fd: int, position: int) -> Iterator[bytes]:
+    """The stored payload, _PIECE_BYTES at a time."""
+    for start in range(0, entry.length, _PIECE_BYTES):
+        size = min(_PIECE_BYTES, entry.length - start)
+        piece = os.pread(fd, size, position + start)
+        if len(piece) != size:
+            raise FormatError("R16", f"tensor {entry.name!r}: file shrank while being read")
+        yield piece
+
+
 def _zstd_pieces(entry: TensorEntry, fd: int, position: int, check: _PieceCheck) -> None:
-    head = os.pread(fd, min(entry.length, 32), position)
-    try:
-        declared = zstandard.frame_content_size(head)
-    except zstandard.ZstdError as exc:
-        raise FormatError("R19", f"tensor {entry.name!r}: not a zstd frame: {exc}") from None
-    if declared != entry.raw_length:
-        raise FormatError("R19", f"tensor {entry.name!r}: zstd frame declares {declared} bytes, header says {entry.raw_length}")
+    _check_declared_size(entry, os.pread(fd, min(entry.length, 32), position))  # a frame header is <= 18 bytes
     # streaming holds the frame's window: qpack writes 2 MiB windows, but a single-segment frame's
     # window is its whole content (raw_length), which one-shot decoding accepts too
     inflater = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
     pending, produced = bytearray(), 0
-    for start in range(0, entry.length, _PIECE_BYTES):
-        stored = os.pread(fd, min(_PIECE_BYTES, entry.length - start), position + start)
+    for stored in _stored_pieces(entry, fd, position):
         for at in range(0, len(stored), _ZSTD_FEED_BYTES):
             if inflater.eof:
                 raise FormatError("R19", f"tensor {entry.name!r}: bytes follow the zstd frame")
