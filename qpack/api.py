@@ -22,7 +22,7 @@ from .checkpoint import from_mapping
 from .dtypes import itemsize
 from .encoder import TensorReport, encode_tensor, error_energy, snr_db, storage_of
 from .errors import InputError
-from .format import MAGIC, TensorEntry
+from .format import MAGIC, TensorEntry, default_max_bytes
 from .parallel import default_workers, ordered_map, torch_threads
 from .policy import Policy
 from .reader import MaxBytes, QpkReader
@@ -206,8 +206,11 @@ def pack(
                 progress(name, done, total)
         file_bytes = writer.finish()
     original = sum(r.original_bytes for r in rows)
-    return PackReport(str(out_path), rows, file_bytes, original, checkpoint.notes, meta,
-                      time.perf_counter() - started)
+    notes = list(checkpoint.notes)
+    if original > default_max_bytes(file_bytes):
+        notes.append(f"the tensors decode to {original:,} bytes, more than readers accept by default from a "
+                     f"{file_bytes:,}-byte file (spec R22); load it with max_bytes=None (--max-bytes unlimited)")
+    return PackReport(str(out_path), rows, file_bytes, original, notes, meta, time.perf_counter() - started)
 
 
 def _options(policy: Policy, target_bpw: float | None, max_error: float | None,
@@ -248,8 +251,8 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
         device: where the tensors are built ("cpu", "cuda", "cuda:1", ...).
         threads: decoding threads (default: one per two cores, at most 8).
         progress: called after each tensor with (name, done, total).
-        max_bytes: the most bytes the tensors may take in all (spec R22): "auto" for 1024
-            times the file's size, at least 64 MiB; a number; None for no bound.
+        max_bytes: the most bytes the tensors may take in all (spec R22): "auto" for 256
+            times the file's size, at least 16 MiB; a number; None for no bound.
 
     Returns:
         ``{name: tensor}`` in the order they were packed.

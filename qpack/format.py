@@ -71,8 +71,8 @@ MAX_ZSTD_EXPANSION = 32768
 _RANS_FIXED_BYTES = 10
 #: R22: by default a reader refuses a file whose tensors decode to more than this many
 #: bytes per byte of file, and at least DECODED_FLOOR_BYTES (the caller may allow more)
-DECODED_BYTES_PER_FILE_BYTE = 1024
-DECODED_FLOOR_BYTES = 64 << 20
+DECODED_BYTES_PER_FILE_BYTE = 256
+DECODED_FLOOR_BYTES = 16 << 20
 _MAP_TYPE_BYTES = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _ARRAY_TYPE_BYTES = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 

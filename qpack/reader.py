@@ -35,8 +35,8 @@ from .format import (
 
 __all__ = ["QpkReader", "decode_payload", "MaxBytes"]
 
-#: a reader's bound on decoded bytes (spec R22): "auto" for the spec's default (1024x the file
-#: size, at least 64 MiB), a number of bytes, or None for no bound
+#: a reader's bound on decoded bytes (spec R22): "auto" for the spec's default (256x the file
+#: size, at least 16 MiB), a number of bytes, or None for no bound
 MaxBytes = int | str | None
 
 _local = threading.local()
@@ -61,7 +61,7 @@ class QpkReader:
         path: the .qpk file.
         limits: reader limits; the defaults suit any real model.
         max_bytes: the most bytes the file's tensors may decode to in all (spec R22):
-            "auto" (the default) for 1024 times the file's size, at least 64 MiB; a number
+            "auto" (the default) for 256 times the file's size, at least 16 MiB; a number
             of bytes; or None for no bound. It is checked when the file is opened.
 
     Raises:
