@@ -314,14 +314,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         rows.append([t.name, "x".join(map(str, t.shape)) or "()", t.dtype,
                      t.encoding if t.granularity == "tensor" else f"{t.encoding}/{t.granularity}",
                      str(t.bits) if t.bits else "-", unique, human_bytes(t.stored_bytes), t.storage,
-                     "-" if t.rel_rms is None else f"{t.rel_rms:.4f}",
-                     "-" if t.snr_db is None else f"{t.snr_db:.1f}"])
+                     _stat(t.rel_rms, ".4f"), _stat(t.snr_db, ".1f")])
     print(format_table(header, rows, right={4, 6, 8, 9}))
     for key, value in sorted(report.metadata.items()):
         print(f"{key}: {value}")
     print(f"total: {human_bytes(report.file_bytes)} file for {human_bytes(report.original_bytes)} of tensors "
           f"({100 * report.ratio:.1f} %, {report.original_bytes / max(report.file_bytes, 1):.2f}x smaller)")
     return 0
+
+
+def _stat(value: float | None, spec: str) -> str:
+    """A stats value for the table; huge ones (a file may store any number) in exponent form."""
+    if value is None:
+        return "-"
+    return f"{value:{spec}}" if abs(value) < 1e9 else f"{value:.3g}"
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
