@@ -282,3 +282,15 @@ def test_verify_in_pieces_of_an_uncompressed_payload(tmp_path):
     assert _outcomes(tmp_path, assemble(doc, bytes(payload))) == ("R20", "R20")
     entry["crc32"] ^= 1
     assert _outcomes(tmp_path, assemble(doc, bytes(payload))) == ("R18", "R18")
+
+
+def test_pack_notes_a_file_beyond_the_default_bound(tmp_path):
+    zeros = torch.zeros(5_000_000)  # 20 MB of float32 in a file of a few hundred bytes
+    report = qpack.pack({"z": zeros}, tmp_path / "z.qpk")
+    assert report.file_bytes < 4096
+    assert any("R22" in note and "max_bytes=None" in note for note in report.notes), report.notes
+    with pytest.raises(OutOfMemoryError):
+        qpack.load(tmp_path / "z.qpk")
+    assert torch.equal(qpack.load(tmp_path / "z.qpk", max_bytes=None)["z"], zeros)
+    small = qpack.pack({"z": torch.zeros(1000)}, tmp_path / "s.qpk")
+    assert not any("R22" in note for note in small.notes)
