@@ -138,7 +138,7 @@ def test_default_bound_and_caller_bounds(tmp_path, sample_bytes):
     path = tmp_path / "s.qpk"
     path.write_bytes(sample_bytes)
     size = len(sample_bytes)
-    assert default_max_bytes(size) == DECODED_FLOOR_BYTES == 64 << 20
+    assert default_max_bytes(size) == DECODED_FLOOR_BYTES == 16 << 20
     assert default_max_bytes(1 << 20) == DECODED_BYTES_PER_FILE_BYTE << 20
     with QpkReader(path, max_bytes=None) as reader:
         total = sum(e.numel * qpack.dtypes.itemsize(e.dtype) for e in reader.entries.values())
