@@ -209,7 +209,7 @@ def pack(
     notes = list(checkpoint.notes)
     if original > default_max_bytes(file_bytes):
         notes.append(f"the tensors decode to {original:,} bytes, more than readers accept by default from a "
-                     f"{file_bytes:,}-byte file (spec R22); load it with max_bytes=None (--max-bytes unlimited)")
+                     f"{file_bytes:,}-byte file (spec R23); load it with max_bytes=None (--max-bytes unlimited)")
     return PackReport(str(out_path), rows, file_bytes, original, notes, meta, time.perf_counter() - started)
 
 
@@ -251,7 +251,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
         device: where the tensors are built ("cpu", "cuda", "cuda:1", ...).
         threads: decoding threads (default: one per two cores, at most 8).
         progress: called after each tensor with (name, done, total).
-        max_bytes: the most bytes the tensors may take in all (spec R22): "auto" for 256
+        max_bytes: the most bytes the tensors may take in all (spec R23): "auto" for 256
             times the file's size, at least 16 MiB; a number; None for no bound.
 
     Returns:
@@ -399,7 +399,7 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None,
 
     Raises:
         FormatError: the first problem found (its message names the tensor and the rule).
-        OutOfMemoryError: the tensors decode to more than ``max_bytes`` (R22).
+        OutOfMemoryError: the tensors decode to more than ``max_bytes`` (R23).
     """
     with QpkReader(path, max_bytes=max_bytes) as reader:
         names = reader.keys()

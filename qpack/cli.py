@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_max_bytes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bytes", default="auto", metavar="N|unlimited",
                         help="refuse files whose tensors decode to more than N bytes (suffixes K, M, G, T: "
-                             "powers of 1024); default 256x the file's size, at least 16 MiB (spec R22)")
+                             "powers of 1024); default 256x the file's size, at least 16 MiB (spec R23)")
 
 
 def _parse_max_bytes(value: str) -> int | str | None:

@@ -57,8 +57,8 @@ class OutOfMemoryError(QpkError, MemoryError):
     """Decoding would need more memory than allowed or available.
 
     Raised before anything is allocated when a file's tensors decode to more than the
-    reader's bound (spec R22: ``max_bytes``), and when an allocation fails while a tensor
-    is decoded. The message names the tensor and the bytes; ``rule`` is ``"R22"`` for the
+    reader's bound (spec R23: ``max_bytes``), and when an allocation fails while a tensor
+    is decoded. The message names the tensor and the bytes; ``rule`` is ``"R23"`` for the
     bound and ``None`` for an allocation that failed.
     """
 

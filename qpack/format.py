@@ -69,7 +69,7 @@ INNER_CONTAINER_ITEMS = 256
 MAX_ZSTD_EXPANSION = 32768
 #: R15: the fixed part of a rANS payload with a one-symbol alphabet (N, A, one frequency)
 _RANS_FIXED_BYTES = 10
-#: R22: by default a reader refuses a file whose tensors decode to more than this many
+#: R23: by default a reader refuses a file whose tensors decode to more than this many
 #: bytes per byte of file, and at least DECODED_FLOOR_BYTES (the caller may allow more)
 DECODED_BYTES_PER_FILE_BYTE = 256
 DECODED_FLOOR_BYTES = 16 << 20
@@ -519,21 +519,21 @@ def _parse_params(where: str, encoding: str, bits: int, channels: int, params: A
     return dict(params)
 
 
-# -- R22: the memory a file may ask for ----------------------------------------------------------
+# -- R23: the memory a file may ask for ----------------------------------------------------------
 
 
 def decoded_bytes(entry: TensorEntry) -> int:
-    """Bytes of the tensor ``entry`` decodes to: numel x bytes(dtype) (spec R22)."""
+    """Bytes of the tensor ``entry`` decodes to: numel x bytes(dtype) (spec R23)."""
     return entry.numel * DTYPES[entry.dtype][1]
 
 
 def default_max_bytes(file_size: int) -> int:
-    """The decoded bytes a reader accepts by default for a file of ``file_size`` bytes (R22)."""
+    """The decoded bytes a reader accepts by default for a file of ``file_size`` bytes (R23)."""
     return max(DECODED_FLOOR_BYTES, DECODED_BYTES_PER_FILE_BYTE * file_size)
 
 
 def decoded_size_problem(entries: list[TensorEntry], file_size: int, max_bytes: int | None) -> str | None:
-    """Why a file's tensors decode to more than ``max_bytes`` in all (R22), or None.
+    """Why a file's tensors decode to more than ``max_bytes`` in all (R23), or None.
 
     ``max_bytes`` None means no bound (the caller's consent).
     """

@@ -35,7 +35,7 @@ from .format import (
 
 __all__ = ["QpkReader", "decode_payload", "MaxBytes"]
 
-#: a reader's bound on decoded bytes (spec R22): "auto" for the spec's default (256x the file
+#: a reader's bound on decoded bytes (spec R23): "auto" for the spec's default (256x the file
 #: size, at least 16 MiB), a number of bytes, or None for no bound
 MaxBytes = int | str | None
 
@@ -60,14 +60,14 @@ class QpkReader:
     Args:
         path: the .qpk file.
         limits: reader limits; the defaults suit any real model.
-        max_bytes: the most bytes the file's tensors may decode to in all (spec R22):
+        max_bytes: the most bytes the file's tensors may decode to in all (spec R23):
             "auto" (the default) for 256 times the file's size, at least 16 MiB; a number
             of bytes; or None for no bound. It is checked when the file is opened.
 
     Raises:
         InputError: the path is missing, a folder or unreadable.
         FormatError: the file breaks a rule of the format (subclasses name which kind).
-        OutOfMemoryError: the tensors decode to more than ``max_bytes`` (R22).
+        OutOfMemoryError: the tensors decode to more than ``max_bytes`` (R23).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS,
@@ -88,7 +88,7 @@ class QpkReader:
             bound = _bound(max_bytes, self._file_size)
             problem = decoded_size_problem(entries, self._file_size, bound)
             if problem is not None:
-                raise OutOfMemoryError(problem, "R22")
+                raise OutOfMemoryError(problem, "R23")
         except BaseException:
             self.close()
             raise

@@ -1,4 +1,4 @@
-"""Memory bounds (spec R22) and allocation failures: small files that declare huge tensors.
+"""Memory bounds (spec R23) and allocation failures: small files that declare huge tensors.
 
 The bombs are the ones issue 13 found: a few KB of zstd frame (run-length blocks, each 4
 bytes for 128 KiB of zeros) that declare 2^30 or 2^31 elements. They are refused when
@@ -116,7 +116,7 @@ def test_bombs_are_refused_before_anything_is_read(bombs, tmp_path, label):
         assert peak < 2_000_000, (what, peak)
         text = str(caught.value)
         assert text.startswith("out of memory") and "'bomb'" in text and f"{declared:,}" in text, text
-        assert caught.value.rule == "R22" and isinstance(caught.value, (QpkError, MemoryError))
+        assert caught.value.rule == "R23" and isinstance(caught.value, (QpkError, MemoryError))
         assert not (tmp_path / "out.pt").exists()
 
 
@@ -288,9 +288,9 @@ def test_pack_notes_a_file_beyond_the_default_bound(tmp_path):
     zeros = torch.zeros(5_000_000)  # 20 MB of float32 in a file of a few hundred bytes
     report = qpack.pack({"z": zeros}, tmp_path / "z.qpk")
     assert report.file_bytes < 4096
-    assert any("R22" in note and "max_bytes=None" in note for note in report.notes), report.notes
+    assert any("R23" in note and "max_bytes=None" in note for note in report.notes), report.notes
     with pytest.raises(OutOfMemoryError):
         qpack.load(tmp_path / "z.qpk")
     assert torch.equal(qpack.load(tmp_path / "z.qpk", max_bytes=None)["z"], zeros)
     small = qpack.pack({"z": torch.zeros(1000)}, tmp_path / "s.qpk")
-    assert not any("R22" in note for note in small.notes)
+    assert not any("R23" in note for note in small.notes)

@@ -242,7 +242,7 @@ def test_which_rule_is_named_when_several_break(tmp_path, sample_bytes):
     copy["tensors"][0]["stats"] = []
     copy["tensors"][1]["dtype"] = "complex64"
     rejects(tmp_path, assemble(copy, lay_out(copy, payloads)), "R21")
-    # the header (R6-R15, R21) before the layout (R16, R17), and R22 after both
+    # the header (R6-R15, R21) before the layout (R16, R17), and R23 after both
     copy = json_copy(doc)
     copy["tensors"][0]["stats"] = []
     rejects(tmp_path, assemble(copy, lay_out(copy, payloads)) + b"\x00", "R21")

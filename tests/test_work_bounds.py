@@ -34,11 +34,11 @@ def _write(tmp_path, data: bytes):
 def test_worst_files_are_small_and_at_the_bounds(files, tmp_path):
     for name, data in files.items():
         assert len(data) < worst_case.SIZE, name
-        with QpkReader(_write(tmp_path, data)) as reader:  # valid at open, within R22's default
+        with QpkReader(_write(tmp_path, data)) as reader:  # valid at open, within R23's default
             decoded = sum(e.numel * 2 for e in reader.entries.values())
             if name == "many_steps":
                 assert len(reader) > 200 and worst_case.rans_steps(data) == MAX_STEPS * len(reader)
-            else:  # within a step of R22's bound
+            else:  # within a step of R23's bound
                 assert default_max_bytes(len(data)) - 2 * 8 * MAX_STEPS < decoded <= default_max_bytes(len(data))
 
 
@@ -83,6 +83,6 @@ def test_one_element_more_is_refused_at_open(files, tmp_path, name):
     assert len(data) < worst_case.SIZE
     with pytest.raises(OutOfMemoryError) as caught:
         QpkReader(_write(tmp_path, data))
-    assert caught.value.rule == "R22"
+    assert caught.value.rule == "R23"
     with QpkReader(_write(tmp_path, data), max_bytes=None) as reader:  # the caller may allow it
         assert len(reader) == len(doc["tensors"])

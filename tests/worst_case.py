@@ -1,4 +1,4 @@
-"""The costliest files under 64 KB that the spec's rules allow (R15, R19, R22), built by hand.
+"""The costliest files under 64 KB that the spec's rules allow (R15, R19, R23), built by hand.
 
 Used by tests/test_work_bounds.py (the files are valid and at the bounds; one step past a
 bound is refused) and tests/benchmarks/bench_worst_case.py (the CPU they cost to open,
@@ -6,10 +6,10 @@ verify and load). Each builder returns the file's bytes; ``SIZE`` is the file-si
 
 - ``many_steps``: as many rANS entries as fit, each a 14-byte payload of one lane that
   decodes 8,192 indices in 8,192 steps (the per-payload step bound of R19).
-- ``many_lanes``: rANS payloads whose lanes decode 8,192 indices each, up to R22's bound on
+- ``many_lanes``: rANS payloads whose lanes decode 8,192 indices each, up to R23's bound on
   decoded bytes (float16, so the most indices per decoded byte).
 - ``zstd_expansion``: 1-bit indices in zstd run-length blocks (4 bytes per 128 KiB, near
-  R15's 32,768x), up to R22's bound.
+  R15's 32,768x), up to R23's bound.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def many_steps(count: int | None = None) -> bytes:
 
 
 def _up_to_the_bound(numel_per_byte: int, make_one: object) -> bytes:
-    """Entries of float16 indices decoding to R22's bound for the file (about SIZE bytes)."""
+    """Entries of float16 indices decoding to R23's bound for the file (about SIZE bytes)."""
     limit = default_max_bytes(SIZE) // 2  # float16 elements the bound allows a file of <= SIZE bytes
     data = b""
     for count in (1, 2, 4, 8, 16, 32):

@@ -2,7 +2,7 @@
 64 KB takes more than 0.2 s of CPU to open, verify or load").
 
 The files come from tests/worst_case.py (rANS payloads at R19's 8,192 steps, rANS lanes and
-zstd run-length frames up to R22's bound on decoded bytes). Each is opened, verified and
+zstd run-length frames up to R23's bound on decoded bytes). Each is opened, verified and
 loaded on one thread; the table shows CPU seconds (process time, best of --repeats) and the
 work the rules allow it (rANS steps, decoded bytes), for whichever rANS decoder this qpack has.
 

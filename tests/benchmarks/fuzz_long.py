@@ -16,7 +16,7 @@ Engines: ``atheris`` (coverage-guided, libFuzzer; ``pip install atheris``) and `
 With the random engine, half the cases are header-field mutations in named classes
 (``CLASSES``: a dtype, shape, bits, params, compression, stats, name, zstd frame or rANS
 table changed, one field at a time or several consistently), after which the file is laid
-out again and every checksum recomputed, so the reader rules themselves (R6-R22) decide.
+out again and every checksum recomputed, so the reader rules themselves (R6-R23) decide.
 The report counts each class's cases, loads, rejections by rule and failures.
 """
 
