@@ -17,6 +17,7 @@ from .errors import (
     ChecksumError,
     FormatError,
     InputError,
+    OutOfMemoryError,
     OutputExistsError,
     QpkError,
     UnsupportedVersionError,
@@ -42,4 +43,5 @@ __all__ = [
     "ChecksumError",
     "InputError",
     "OutputExistsError",
+    "OutOfMemoryError",
 ]

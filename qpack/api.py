@@ -22,10 +22,10 @@ from .checkpoint import from_mapping
 from .dtypes import itemsize
 from .encoder import TensorReport, encode_tensor, error_energy, snr_db, storage_of
 from .errors import InputError
-from .format import MAGIC, TensorEntry, param_values
+from .format import MAGIC, TensorEntry, default_max_bytes, param_values
 from .parallel import default_workers, ordered_map, torch_threads
 from .policy import Policy
-from .reader import QpkReader, decode_payload
+from .reader import MaxBytes, QpkReader
 from .sources import open_source
 from .writer import QpkWriter, atomic_output, check_output_path
 
@@ -211,8 +211,11 @@ def pack(
                 progress(name, done, total)
         file_bytes = writer.finish()
     original = sum(r.original_bytes for r in rows)
-    return PackReport(str(out_path), rows, file_bytes, original, checkpoint.notes, meta,
-                      time.perf_counter() - started)
+    notes = list(checkpoint.notes)
+    if original > default_max_bytes(file_bytes):
+        notes.append(f"the tensors decode to {original:,} bytes, more than readers accept by default from a "
+                     f"{file_bytes:,}-byte file (spec R23); load it with max_bytes=None (--max-bytes unlimited)")
+    return PackReport(str(out_path), rows, file_bytes, original, notes, meta, time.perf_counter() - started)
 
 
 def _options(policy: Policy, target_bpw: float | None, max_error: float | None,
@@ -241,7 +244,8 @@ def _sha256(path: Path) -> str:
 # -- read side ---------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
-         threads: int | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+         threads: int | None = None, progress: Progress | None = None,
+         max_bytes: MaxBytes = "auto") -> dict[str, torch.Tensor]:
     """Read a .qpk file back into a state dict.
 
     Quantized tensors are unpacked and dequantized on ``device``: only the packed indices and
@@ -252,6 +256,8 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
         device: where the tensors are built ("cpu", "cuda", "cuda:1", ...).
         threads: decoding threads (default: one per two cores, at most 8).
         progress: called after each tensor with (name, done, total).
+        max_bytes: the most bytes the tensors may take in all (spec R23): "auto" for 256
+            times the file's size, at least 16 MiB; a number; None for no bound.
 
     Returns:
         ``{name: tensor}`` in the order they were packed.
@@ -259,9 +265,11 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
     Raises:
         InputError: the path is missing or not a file.
         FormatError: the file is not a valid .qpk.
+        OutOfMemoryError: the tensors would take more than ``max_bytes``, or an allocation
+            failed (the message names the tensor and the bytes).
     """
     device = torch.device(device)
-    with QpkReader(path) as reader:
+    with QpkReader(path, max_bytes=max_bytes) as reader:
         names = reader.keys()
         decoded = ordered_map(lambda n: reader.tensor(n, device), names,
                               min(threads or default_workers(), len(names)))
@@ -289,7 +297,8 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike[str], strict: boo
 
 
 def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: bool = False,
-           format: str | None = None, progress: Progress | None = None) -> Path:
+           format: str | None = None, progress: Progress | None = None,
+           max_bytes: MaxBytes = "auto") -> Path:
     """Write a .qpk file back as a plain state dict (atomically).
 
     Args:
@@ -299,23 +308,25 @@ def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: b
         format: "pt" (``torch.save``) or "safetensors"; by default ``dst``'s extension
             decides (.safetensors, else pt).
         progress: called after each tensor is decoded.
+        max_bytes: as for :func:`load`.
 
     Raises:
         OutputExistsError: ``dst`` exists and ``force`` is False.
         InputError: an unknown format.
+        OutOfMemoryError: as for :func:`load`.
     """
     dst = Path(dst)
     format = format or ("safetensors" if dst.suffix == ".safetensors" else "pt")
     if format not in ("pt", "safetensors"):
         raise InputError(f"unknown output format {format!r}; choose pt or safetensors")
     check_output_path(dst, force)
-    state = load(src, progress=progress)
+    state = load(src, progress=progress, max_bytes=max_bytes)
     if format == "safetensors":
         try:
             from safetensors.torch import save
         except ImportError:
             raise InputError("writing safetensors needs the safetensors package (pip install safetensors)") from None
-        with QpkReader(src) as reader:
+        with QpkReader(src, max_bytes=None) as reader:  # the header only
             metadata = dict(reader.metadata)
         data = save(state, metadata=metadata)
         with atomic_output(dst, force) as handle:
@@ -327,24 +338,40 @@ def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: b
 
 
 def info(path: str | os.PathLike[str]) -> PackReport:
-    """Describe a .qpk file from its header alone (no payload is decoded)."""
-    with QpkReader(path) as reader:
+    """Describe a .qpk file from its header alone (no payload is decoded, so no bound on
+    decoded bytes applies). Stats that are not counts (NaN, negative, huge) show as None."""
+    with QpkReader(path, max_bytes=None) as reader:
         rows = []
         for entry in reader.entries.values():
             stats = entry.stats
             rows.append(TensorReport(
                 entry.name, list(entry.shape), entry.dtype, entry.encoding, entry.bits,
                 entry.granularity, entry.numel * itemsize(entry.dtype), entry.length,
-                _int_or_none(stats.get("unique_before")), _int_or_none(stats.get("unique_after")),
-                stats.get("rel_rms"), stats.get("snr_db"), params=_header_params(entry),
-                storage=storage_of(entry), param_dtype=entry.param_dtype if entry.encoding != "raw" else None))
+                _count_or_none(stats.get("unique_before")), _count_or_none(stats.get("unique_after")),
+                _finite_or_none(stats.get("rel_rms")), _finite_or_none(stats.get("snr_db")),
+                params=_header_params(entry), storage=storage_of(entry),
+                param_dtype=entry.param_dtype if entry.encoding != "raw" else None))
         size = os.path.getsize(path)
         original = sum(r.original_bytes for r in rows)
         return PackReport(str(path), rows, size, original, metadata=dict(reader.metadata))
 
 
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) else None
+#: stats above this are not counts a tensor can have (R11 allows 2^48 elements)
+_MAX_COUNT = 1 << 48
+
+
+def _count_or_none(value: Any) -> int | None:
+    """A stats value as a count: a whole number in 0..2^48, else None (R21 allows any number)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # NaN and the infinities are not integers
+    return value if isinstance(value, int) and 0 <= value <= _MAX_COUNT else None
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """A stats value as a finite float, else None (huge ints would not print as floats)."""
+    if isinstance(value, int):
+        value = float(value) if abs(value) < 1 << 1000 else math.inf
+    return value if isinstance(value, float) and math.isfinite(value) else None
 
 
 def _header_params(entry: TensorEntry) -> dict[str, Any]:
@@ -358,23 +385,31 @@ def _header_params(entry: TensorEntry) -> dict[str, Any]:
     return out
 
 
-def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) -> int:
+def verify(path: str | os.PathLike[str], *, progress: Progress | None = None,
+           max_bytes: MaxBytes = "auto") -> int:
     """Check a whole file: every rule, every checksum, every payload decoded.
+
+    Tensors are checked one at a time, and those over 64 MiB in pieces
+    (:meth:`QpkReader.check`), so memory stays bounded whatever the file holds; ``max_bytes``
+    still bounds the work (the same bound as :func:`load`, so a file ``verify`` accepts
+    also loads).
 
     Args:
         path: the .qpk file.
         progress: called after each tensor with (name, done, total).
+        max_bytes: as for :func:`load`.
 
     Returns:
         The number of tensors checked.
 
     Raises:
         FormatError: the first problem found (its message names the tensor and the rule).
+        OutOfMemoryError: the tensors decode to more than ``max_bytes`` (R23).
     """
-    with QpkReader(path) as reader:
+    with QpkReader(path, max_bytes=max_bytes) as reader:
         names = reader.keys()
         for done, name in enumerate(names, 1):
-            decode_payload(reader.entry(name), reader.read_payload(name), "cpu")
+            reader.check(name)
             if progress is not None:
                 progress(name, done, len(names))
         return len(names)

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="the .pt file to write (default: INPUT with .pt)")
     p.add_argument("--format", choices=["pt", "safetensors"],
                    help="output format (default: from the output's extension, else pt)")
+    _add_max_bytes(p)
     p.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a whole .qpk file (exit 0 or 1)",
                        description="Check every rule and checksum of a .qpk file and decode every tensor.")
     p.add_argument("input", help="the .qpk file")
+    _add_max_bytes(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = sub.add_parser("bench", help="try packing settings on your checkpoint and compare them",
@@ -136,6 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every way, and evaluate each .qpk file.")
     _configure_demo(p)
     return parser
+
+
+def _add_max_bytes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-bytes", default="auto", metavar="N|unlimited",
+                        help="refuse files whose tensors decode to more than N bytes (suffixes K, M, G, T: "
+                             "powers of 1024); default 256x the file's size, at least 16 MiB (spec R23)")
+
+
+def _parse_max_bytes(value: str) -> int | str | None:
+    from .errors import InputError
+
+    text = value.strip().lower()
+    if text in ("auto", "unlimited"):
+        return None if text == "unlimited" else "auto"
+    scale = 1 << 10 * ("kmgt".index(text[-1]) + 1) if text and text[-1] in "kmgt" else 1
+    try:
+        number = float(text[:-1] if scale > 1 else text)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < 2 ** 63 / scale:
+        raise InputError(f"--max-bytes takes a number of bytes (e.g. 8G) or 'unlimited', got {value!r}")
+    return int(number * scale)
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
@@ -274,7 +298,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     if args.output is None and args.format == "safetensors":
         output = output.with_suffix(".safetensors")
     api.unpack(args.input, output, force=args.force, format=args.format,
-               progress=_progress_bar(args, "decoding"))
+               progress=_progress_bar(args, "decoding"), max_bytes=_parse_max_bytes(args.max_bytes))
     if not args.quiet:
         print(f"wrote {output}")
     return 0
@@ -290,12 +314,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     header = ["name", "shape", "dtype", "encoding", "bits", "unique", "stored", "as", "rel rms", "SNR dB"]
     rows = []
     for t in report.tensors:
-        unique = f"{t.unique_before} -> {t.unique_after}" if t.unique_before is not None else "-"
+        unique = ("-" if t.unique_before is None else
+                  f"{t.unique_before} -> {'-' if t.unique_after is None else t.unique_after}")
         rows.append([t.name, "x".join(map(str, t.shape)) or "()", t.dtype,
                      t.encoding if t.granularity == "tensor" else f"{t.encoding}/{t.granularity}",
                      str(t.bits) if t.bits else "-", unique, human_bytes(t.stored_bytes), t.storage,
-                     "-" if t.rel_rms is None else f"{t.rel_rms:.4f}",
-                     "-" if t.snr_db is None else f"{t.snr_db:.1f}"])
+                     _stat(t.rel_rms, ".4f"), _stat(t.snr_db, ".1f")])
     print(format_table(header, rows, right={4, 6, 8, 9}))
     for key, value in sorted(report.metadata.items()):
         print(f"{key}: {value}")
@@ -304,12 +328,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stat(value: float | None, spec: str) -> str:
+    """A stats value for the table; huge ones (a file may store any number) in exponent form."""
+    if value is None:
+        return "-"
+    return f"{value:{spec}}" if abs(value) < 1e9 else f"{value:.3g}"
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from . import api
     from .errors import FormatError
 
     try:
-        count = api.verify(args.input, progress=_progress_bar(args, "verifying"))
+        count = api.verify(args.input, progress=_progress_bar(args, "verifying"),
+                           max_bytes=_parse_max_bytes(args.max_bytes))
     except FormatError as exc:
         if args.json:
             print(json.dumps({"path": args.input, "ok": False, "error": str(exc), "rule": exc.rule}))

@@ -9,6 +9,7 @@ __all__ = [
     "ChecksumError",
     "InputError",
     "OutputExistsError",
+    "OutOfMemoryError",
 ]
 
 
@@ -50,3 +51,19 @@ class UnsupportedVersionError(FormatError):
 
 class ChecksumError(FormatError):
     """A stored checksum does not match the bytes it covers."""
+
+
+class OutOfMemoryError(QpkError, MemoryError):
+    """Decoding would need more memory than allowed or available.
+
+    Raised before anything is allocated when a file's tensors decode to more than the
+    reader's bound (spec R23: ``max_bytes``), and when an allocation fails while a tensor
+    is decoded. The message names the tensor and the bytes; ``rule`` is ``"R23"`` for the
+    bound and ``None`` for an allocation that failed.
+    """
+
+    exit_code = 5
+
+    def __init__(self, message: str, rule: str | None = None) -> None:
+        super().__init__(f"out of memory: {message}" + (f" [{rule}]" if rule else ""))
+        self.rule = rule

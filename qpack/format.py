@@ -20,6 +20,7 @@ import zstandard
 from .codecs.uniform import from_uint8
 from .dtypes import DTYPES, is_float_name
 from .errors import ChecksumError, FormatError, UnsupportedVersionError
+from .rans import MAX_STEPS as RANS_MAX_STEPS
 
 __all__ = [
     "MAGIC",
@@ -42,6 +43,9 @@ __all__ = [
     "encode_header",
     "fixed_bytes",
     "param_values",
+    "decoded_bytes",
+    "default_max_bytes",
+    "decoded_size_problem",
 ]
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
@@ -88,6 +92,12 @@ PARAM_KEYS = {"raw": frozenset(), "uniform": frozenset({"min", "max"}),
 INNER_CONTAINER_ITEMS = 256
 #: R15: no zstd frame expands more (a block of at most 128 KiB takes at least 4 bytes)
 MAX_ZSTD_EXPANSION = 32768
+#: R15: the fixed part of a rANS payload with a one-symbol alphabet (N, A, one frequency)
+_RANS_FIXED_BYTES = 10
+#: R23: by default a reader refuses a file whose tensors decode to more than this many
+#: bytes per byte of file, and at least DECODED_FLOOR_BYTES (the caller may allow more)
+DECODED_BYTES_PER_FILE_BYTE = 256
+DECODED_FLOOR_BYTES = 16 << 20
 _MAP_TYPE_BYTES = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _ARRAY_TYPE_BYTES = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
@@ -619,6 +629,12 @@ def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> Tenso
         _expect(version >= RANS_VERSION, "R15", f"{where}: rANS payloads need file version {RANS_VERSION}, this is {version}")
         _expect(encoding != "raw" and width == bits, "R15", f"{where}: rANS codes quantized indices with width = bits")
         _expect(0 < length < raw_length, "R15", f"{where}: rANS payload of {length} bytes for {raw_length} packed bytes")
+        # R19 allows at most RANS_MAX_STEPS steps, so N >= numel / RANS_MAX_STEPS lanes, and
+        # the payload holds 4 bytes per lane: this bounds the expansion before any byte is read
+        lanes = (length - _RANS_FIXED_BYTES) // 4
+        _expect(numel <= RANS_MAX_STEPS * lanes, "R15",
+                f"{where}: a {length}-byte rANS payload holds at most {max(lanes, 0)} lanes of "
+                f"{RANS_MAX_STEPS} steps, not {numel} indices")
     else:
         if compression == "zstd_planes":
             _expect(encoding == "raw" and DTYPES[dtype][1] >= 2, "R15",
@@ -688,3 +704,35 @@ def _parse_params(where: str, encoding: str, bits: int, channels: int, params: A
                 f"{where}: codebook_size {size!r} outside 1..{1 << bits} (2^bits)")
         _float_array(where, "codebook", params["codebook"], channels * size, param_dtype)
     return dict(params)
+
+
+# -- R23: the memory a file may ask for ----------------------------------------------------------
+
+
+def decoded_bytes(entry: TensorEntry) -> int:
+    """Bytes of the tensor ``entry`` decodes to: numel x bytes(dtype) (spec R23)."""
+    return entry.numel * DTYPES[entry.dtype][1]
+
+
+def default_max_bytes(file_size: int) -> int:
+    """The decoded bytes a reader accepts by default for a file of ``file_size`` bytes (R23)."""
+    return max(DECODED_FLOOR_BYTES, DECODED_BYTES_PER_FILE_BYTE * file_size)
+
+
+def decoded_size_problem(entries: list[TensorEntry], file_size: int, max_bytes: int | None) -> str | None:
+    """Why a file's tensors decode to more than ``max_bytes`` in all (R23), or None.
+
+    ``max_bytes`` None means no bound (the caller's consent).
+    """
+    if max_bytes is None or not entries:
+        return None
+    sizes = [decoded_bytes(e) for e in entries]
+    total = sum(sizes)
+    if total <= max_bytes:
+        return None
+    largest = max(range(len(entries)), key=sizes.__getitem__)
+    entry = entries[largest]
+    return (f"tensor {entry.name!r} ({entry.dtype} {list(entry.shape)}) decodes to {sizes[largest]:,} bytes "
+            f"and the file's {len(entries)} tensor(s) to {total:,}, more than the {max_bytes:,} bytes "
+            f"allowed for this {file_size:,}-byte file (by default {DECODED_BYTES_PER_FILE_BYTE}x its size, "
+            f"at least {DECODED_FLOOR_BYTES >> 20} MiB); allow more with max_bytes= (--max-bytes N or unlimited)")

@@ -30,15 +30,17 @@ _TOTAL = 1 << PROB_BITS
 #: lane states live in [STATE_LOW, 2^32); 16-bit words move in and out
 STATE_LOW = 1 << 16
 _WORD_BITS = 16
-#: a payload has at most this many steps (lanes >= ceil(numel / MAX_STEPS))
-MAX_STEPS = 1 << 16
+#: a payload has at most this many steps (lanes >= ceil(numel / MAX_STEPS)), spec R19: each
+#: step costs a reader a few numpy calls, so this bounds the work a payload's bytes can ask for;
+#: qpack's writer has used at most this many since the first release that wrote rANS
+MAX_STEPS = 1 << 13
 #: header bytes before the frequencies
 _FIXED = 8
 #: the writer gives lane states about this share of the coded bytes ...
 _LANE_SHARE = 0.005
 #: ... but uses at most this many steps: each step costs a few microseconds of numpy calls,
 #: so very skewed indices (few coded bytes) get more lanes, 4 bytes per 8,192 indices
-WRITER_STEPS = 8192
+WRITER_STEPS = MAX_STEPS
 
 
 class RansError(ValueError):

@@ -17,13 +17,16 @@ import zstandard
 from . import codecs, rans
 from .bitpack import pack_bits, unpack_bits
 from .dtypes import dtype_from_name, itemsize
-from .errors import ChecksumError, FormatError, InputError
+from .errors import ChecksumError, FormatError, InputError, OutOfMemoryError, QpkError
 from .format import (
     DEFAULT_LIMITS,
     PREAMBLE_SIZE,
     Limits,
     TensorEntry,
     align,
+    decoded_bytes,
+    decoded_size_problem,
+    default_max_bytes,
     header_crc,
     parse_header,
     param_values,
@@ -32,7 +35,11 @@ from .format import (
     preamble_version,
 )
 
-__all__ = ["QpkReader", "decode_payload"]
+__all__ = ["QpkReader", "decode_payload", "MaxBytes"]
+
+#: a reader's bound on decoded bytes (spec R23): "auto" for the spec's default (256x the file
+#: size, at least 16 MiB), a number of bytes, or None for no bound
+MaxBytes = int | str | None
 
 _local = threading.local()
 
@@ -55,13 +62,18 @@ class QpkReader:
     Args:
         path: the .qpk file.
         limits: reader limits; the defaults suit any real model.
+        max_bytes: the most bytes the file's tensors may decode to in all (spec R23):
+            "auto" (the default) for 256 times the file's size, at least 16 MiB; a number
+            of bytes; or None for no bound. It is checked when the file is opened.
 
     Raises:
         InputError: the path is missing, a folder or unreadable.
         FormatError: the file breaks a rule of the format (subclasses name which kind).
+        OutOfMemoryError: the tensors decode to more than ``max_bytes`` (R23).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS,
+                 max_bytes: MaxBytes = "auto") -> None:
         self.path = Path(path)
         self._fd = _open_for_reading(self.path)
         try:
@@ -77,6 +89,10 @@ class QpkReader:
                                                   header_raw_length=raw_length)
             self.data_start = align(PREAMBLE_SIZE + header_length)
             self._check_layout(entries, PREAMBLE_SIZE + header_length)
+            bound = _bound(max_bytes, self._file_size)
+            problem = decoded_size_problem(entries, self._file_size, bound)
+            if problem is not None:
+                raise OutOfMemoryError(problem, "R23")
         except BaseException:
             self.close()
             raise
@@ -145,8 +161,34 @@ class QpkReader:
         return raw
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Decode one tensor (original dtype and shape) on ``device``."""
-        return decode_payload(self.entry(name), self.read_payload(name), device)
+        """Decode one tensor (original dtype and shape) on ``device``.
+
+        Raises:
+            FormatError: the payload breaks R18-R20.
+            OutOfMemoryError: an allocation failed; the message names the tensor and the bytes.
+        """
+        entry = self.entry(name)
+        with _allocation_failures_named(entry):
+            return decode_payload(entry, self.read_payload(name), device)
+
+    def check(self, name: str) -> None:
+        """Check one tensor's payload as decoding it would (R18-R20), without keeping it.
+
+        Tensors that decode to more than 64 MiB are checked in pieces of about 12 MiB
+        (zstd output, packed indices or raw bytes), so memory stays near the zstd frame's
+        window (2 MiB as qpack writes them; at most the payload's raw_length) whatever the
+        tensor's size; smaller ones, and rANS payloads, are decoded whole.
+
+        Raises:
+            FormatError: the payload breaks R18-R20.
+            OutOfMemoryError: an allocation failed.
+        """
+        entry = self.entry(name)
+        if entry.compression == "rans" or decoded_bytes(entry) <= _CHECK_WHOLE_BYTES:
+            self.tensor(name)
+            return
+        with _allocation_failures_named(entry):
+            _check_streamed(entry, self._fd, self.data_start + entry.offset)
 
     def close(self) -> None:
         """Close the file. Further reads fail."""
@@ -163,6 +205,44 @@ class QpkReader:
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
+
+
+def _bound(max_bytes: MaxBytes, file_size: int) -> int | None:
+    if max_bytes == "auto":
+        return default_max_bytes(file_size)
+    if max_bytes is None:
+        return None
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise InputError(f"max_bytes must be 'auto', None or a number of bytes >= 0, not {max_bytes!r}")
+    return max_bytes
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
+    """MemoryError, or torch's RuntimeError for a failed allocation (CPU or CUDA)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        words in text for words in ("can't allocate memory", "out of memory", "not enough memory",
+                                    "failed to allocate"))
+
+
+class _allocation_failures_named:
+    """Turns a failed allocation while ``entry`` is decoded into OutOfMemoryError."""
+
+    def __init__(self, entry: TensorEntry) -> None:
+        self.entry = entry
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, QpkError) or not _is_allocation_failure(exc):
+            return False
+        entry = self.entry
+        raise OutOfMemoryError(
+            f"tensor {entry.name!r} ({entry.dtype} {list(entry.shape)}) decodes to {decoded_bytes(entry):,} "
+            f"bytes from {entry.raw_length:,} payload bytes, and allocating them failed") from None
 
 
 def _open_for_reading(path: Path) -> int:
@@ -189,13 +269,18 @@ def _check_crc(entry: TensorEntry, data: bytes | memoryview) -> None:
         raise ChecksumError("R18", f"tensor {entry.name!r}: payload checksum mismatch (the file is corrupted)")
 
 
-def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
+def _check_declared_size(entry: TensorEntry, frame_start: bytes) -> None:
+    """R19: the payload starts a zstd frame (not a skippable one) declaring raw_length bytes."""
     try:
-        declared = zstandard.frame_content_size(stored)
+        declared = zstandard.frame_content_size(frame_start)
     except zstandard.ZstdError as exc:
         raise FormatError("R19", f"tensor {entry.name!r}: not a zstd frame: {exc}") from None
     if declared != entry.raw_length:
         raise FormatError("R19", f"tensor {entry.name!r}: zstd frame declares {declared} bytes, header says {entry.raw_length}")
+
+
+def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
+    _check_declared_size(entry, stored)
     try:
         # the output buffer is the declared size, which R19 just pinned to raw_length (itself
         # at most MAX_ZSTD_EXPANSION times the payload, R15); data after the frame is an error
@@ -256,3 +341,103 @@ def decode_payload(entry: TensorEntry, payload: torch.Tensor, device: str | torc
     codec = codecs.QUANTIZERS[entry.encoding]
     row_length = entry.group_size or None
     return codec.dequantize(indices, _params_on(entry, device), entry.bits, entry.shape, dtype, row_length)
+
+
+# -- checking a large payload in pieces (QpkReader.check) -----------------------------------------
+
+#: tensors decoding to at most this are checked by decoding them whole
+_CHECK_WHOLE_BYTES = 64 << 20
+#: bytes of payload checked at a time; a multiple of every width (1..16) in bytes
+_PIECE_BYTES = 16 * 720720
+#: compressed bytes fed to zstd at a time: at most 32,768x as many come out (R15)
+_ZSTD_FEED_BYTES = 512
+
+
+def _check_streamed(entry: TensorEntry, fd: int, position: int) -> None:
+    """R18-R20 on a "none" or "zstd" payload, piece by piece (same errors as decoding it)."""
+    crc = 0
+    for piece in _stored_pieces(entry, fd, position):
+        crc = zlib.crc32(piece, crc)
+    if crc != entry.crc32:
+        raise ChecksumError("R18", f"tensor {entry.name!r}: payload checksum mismatch (the file is corrupted)")
+    check = _PieceCheck(entry)
+    if entry.compression == "none":
+        for piece in _stored_pieces(entry, fd, position):
+            check.feed(piece)
+    else:
+        _zstd_pieces(entry, fd, position, check)
+    check.finish()
+
+
+def _stored_pieces(entry: TensorEntry, fd: int, position: int) -> Iterator[bytes]:
+    """The stored payload, _PIECE_BYTES at a time."""
+    for start in range(0, entry.length, _PIECE_BYTES):
+        size = min(_PIECE_BYTES, entry.length - start)
+        piece = os.pread(fd, size, position + start)
+        if len(piece) != size:
+            raise FormatError("R16", f"tensor {entry.name!r}: file shrank while being read")
+        yield piece
+
+
+def _zstd_pieces(entry: TensorEntry, fd: int, position: int, check: _PieceCheck) -> None:
+    _check_declared_size(entry, os.pread(fd, min(entry.length, 32), position))  # a frame header is <= 18 bytes
+    # streaming holds the frame's window: qpack writes 2 MiB windows, but a single-segment frame's
+    # window is its whole content (raw_length), which one-shot decoding accepts too
+    inflater = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+    pending, produced = bytearray(), 0
+    for stored in _stored_pieces(entry, fd, position):
+        for at in range(0, len(stored), _ZSTD_FEED_BYTES):
+            if inflater.eof:
+                raise FormatError("R19", f"tensor {entry.name!r}: bytes follow the zstd frame")
+            try:
+                out = inflater.decompress(stored[at:at + _ZSTD_FEED_BYTES])
+            except zstandard.ZstdError as exc:
+                raise FormatError("R19", f"tensor {entry.name!r}: zstd payload is corrupted: {exc}") from None
+            produced += len(out)
+            if produced > entry.raw_length:
+                raise FormatError("R19", f"tensor {entry.name!r}: zstd frame holds more than {entry.raw_length} bytes")
+            pending += out
+            if len(pending) >= _PIECE_BYTES:
+                cut = len(pending) - len(pending) % _PIECE_BYTES
+                check.feed(bytes(pending[:cut]))
+                del pending[:cut]
+    if not inflater.eof or inflater.unused_data:
+        what = "bytes follow the zstd frame" if inflater.eof else "the zstd frame is truncated"
+        raise FormatError("R19", f"tensor {entry.name!r}: {what}")
+    if produced != entry.raw_length:
+        raise FormatError("R19", f"tensor {entry.name!r}: decompressed to {produced} bytes, expected {entry.raw_length}")
+    check.feed(bytes(pending))
+
+
+class _PieceCheck:
+    """R20 over a payload's decoded bytes, fed in pieces of whole indices."""
+
+    def __init__(self, entry: TensorEntry) -> None:
+        self.entry = entry
+        self.done = 0  # bytes fed so far
+        self.last = 0
+
+    def feed(self, piece: bytes) -> None:
+        if not piece:
+            return
+        entry = self.entry
+        data = torch.frombuffer(bytearray(piece), dtype=torch.uint8)
+        if entry.encoding == "raw":
+            if entry.dtype == "bool" and int(data.max()) > 1:
+                raise FormatError("R20", f"tensor {entry.name!r}: bool bytes must be 0 or 1")
+        else:
+            limit = entry.params["codebook_size"] if entry.encoding == "kmeans" else 1 << entry.bits
+            if limit < 1 << entry.width:
+                first = self.done * 8 // entry.width
+                count = min(entry.numel, (self.done + len(piece)) * 8 // entry.width) - first
+                if count and int(unpack_bits(data, entry.width, count).max()) >= limit:
+                    what = f"the {limit}-entry codebook" if entry.encoding == "kmeans" else f"{entry.bits} bits"
+                    raise FormatError("R20", f"tensor {entry.name!r}: an index does not fit {what}")
+        self.done += len(piece)
+        self.last = piece[-1]
+
+    def finish(self) -> None:
+        entry = self.entry
+        used_bits = entry.numel * entry.width % 8 if entry.encoding != "raw" else 0
+        if used_bits and self.last >> used_bits:
+            raise FormatError("R20", f"tensor {entry.name!r}: unused bits of the last payload byte are not zero")
