@@ -117,6 +117,11 @@ class QpkReader:
     # -- payloads --------------------------------------------------------------------------
     def read_payload(self, name: str) -> torch.Tensor:
         """The decompressed payload of one tensor as a writable 1-D uint8 CPU tensor."""
+        return self._read_payload(name, None)
+
+    def _read_payload(self, name: str, rans_device: torch.device | None) -> torch.Tensor:
+        """:meth:`read_payload`; a rANS payload is decoded on ``rans_device`` when given
+        (the payload comes back there), else on the CPU."""
         entry = self.entry(name)
         position = self.data_start + entry.offset
         if entry.compression == "none":
@@ -134,12 +139,16 @@ class QpkReader:
             raise FormatError("R16", f"tensor {name!r}: file shrank while being read")
         _check_crc(entry, stored)
         if entry.compression == "rans":
-            return _rans_decode(entry, stored)
+            return _rans_decode(entry, stored, rans_device)
         return _zstd_decompress(entry, stored)
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Decode one tensor (original dtype and shape) on ``device``."""
-        return decode_payload(self.entry(name), self.read_payload(name), device)
+        """Decode one tensor (original dtype and shape) on ``device``.
+
+        Only stored bytes cross to an accelerator: a rANS payload too is decoded there."""
+        device = torch.device(device)
+        rans_device = None if device.type == "cpu" else device
+        return decode_payload(self.entry(name), self._read_payload(name, rans_device), device)
 
     def close(self) -> None:
         """Close the file. Further reads fail."""
@@ -202,10 +211,13 @@ def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
 
 
-def _rans_decode(entry: TensorEntry, stored: bytes) -> torch.Tensor:
+def _rans_decode(entry: TensorEntry, stored: bytes, device: torch.device | None = None) -> torch.Tensor:
     """The packed indices (section 4) that a rANS payload codes, so decoding continues as for
-    packed payloads: only packed bytes cross to the device, and R20 checks them."""
+    packed payloads (R20 checks them). With ``device``, the payload is decoded there by the
+    torch decoder and the packed indices stay there: only stored bytes cross the bus."""
     try:
+        if device is not None:
+            return pack_bits(rans.decode_torch(stored, entry.numel, entry.bits, device), entry.width)
         indices = rans.decode(stored, entry.numel, entry.bits)
     except rans.RansError as exc:
         raise FormatError("R19", f"tensor {entry.name!r}: rANS payload is corrupted: {exc}") from None
