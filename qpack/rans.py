@@ -26,12 +26,12 @@ a corrupted stream that still passes the CRC cannot decode silently to other ind
 from __future__ import annotations
 
 import math
-import os
-import threading
 from typing import Any
 
 import numpy as np
 import torch
+
+from .jit import kernels
 
 __all__ = ["PROB_BITS", "STATE_LOW", "MAX_STEPS", "WRITER_STEPS", "RansError", "normalize", "coded_bits",
            "choose_lanes", "encoded_size", "encode", "decode", "decode_torch"]
@@ -51,8 +51,6 @@ _LANE_SHARE = 0.005
 #: ... but uses at most this many steps: each step costs a few microseconds of numpy calls,
 #: so very skewed indices (few coded bytes) get more lanes, 4 bytes per 8,192 indices
 WRITER_STEPS = 8192
-
-_jit_lock = threading.Lock()
 
 
 class RansError(ValueError):
@@ -315,24 +313,8 @@ def decode_torch(payload: bytes | memoryview, numel: int, bits: int,
 
 
 _JIT_INDEX_TYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.int32, np.int64))
-_jit_module: Any = None
-_jit_tried = False
 
 
 def _kernels() -> Any:
-    """The compiled kernels (:mod:`qpack.rans_jit`), or None for the numpy path: numba is not
-    installed, or ``QPACK_NO_JIT`` is set to anything but ``0`` or empty. Imported on first use
-    so that ``import qpack`` does not pay for numba."""
-    global _jit_module, _jit_tried
-    if os.environ.get("QPACK_NO_JIT", "") not in ("", "0"):
-        return None
-    if not _jit_tried:
-        with _jit_lock:
-            if not _jit_tried:
-                try:
-                    from . import rans_jit
-                    _jit_module = rans_jit
-                except ImportError:  # numba missing or broken: the numpy path still works
-                    _jit_module = None
-                _jit_tried = True
-    return _jit_module
+    """The compiled kernels (:mod:`qpack.rans_jit`), or None for the numpy path."""
+    return kernels("qpack.rans_jit")
