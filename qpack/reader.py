@@ -30,7 +30,7 @@ from .format import (
     preamble_version,
 )
 
-__all__ = ["QpkReader", "decode_payload"]
+__all__ = ["QpkReader", "decode_payload", "decode_indices"]
 
 _local = threading.local()
 
@@ -117,12 +117,11 @@ class QpkReader:
     # -- payloads --------------------------------------------------------------------------
     def read_payload(self, name: str) -> torch.Tensor:
         """The decompressed payload of one tensor as a writable 1-D uint8 CPU tensor."""
-        return self._read_payload(name, None)
+        return self._read_payload(name)
 
-    def _read_payload(self, name: str, rans_device: torch.device | None, writable: bool = True) -> torch.Tensor:
-        """:meth:`read_payload`; a rANS payload is decoded on ``rans_device`` when given
-        (the payload comes back there), else on the CPU. ``writable=False``: the caller only
-        reads the payload, so a zstd payload is not copied out of the decompressor's bytes."""
+    def _read_payload(self, name: str, writable: bool = True) -> torch.Tensor:
+        """:meth:`read_payload`; ``writable=False``: the caller only reads the payload, so a
+        zstd payload is not copied out of the decompressor's bytes."""
         entry = self.entry(name)
         position = self.data_start + entry.offset
         if entry.compression == "none":
@@ -135,24 +134,32 @@ class QpkReader:
             elif entry.crc32 != 0:
                 raise ChecksumError("R18", f"tensor {name!r}: checksum mismatch on its empty payload")
             return out
-        stored = os.pread(self._fd, entry.length, position)
-        if len(stored) != entry.length:
-            raise FormatError("R16", f"tensor {name!r}: file shrank while being read")
-        _check_crc(entry, stored)
+        stored = self._read_stored(entry)
         if entry.compression == "rans":
-            return _rans_decode(entry, stored, rans_device)
+            return _pack_indices(entry, _rans_indices(entry, stored, None))
         return _zstd_decompress(entry, stored, writable)
+
+    def _read_stored(self, entry: TensorEntry) -> bytes:
+        """A compressed payload's stored bytes, checksummed (R18)."""
+        stored = os.pread(self._fd, entry.length, self.data_start + entry.offset)
+        if len(stored) != entry.length:
+            raise FormatError("R16", f"tensor {entry.name!r}: file shrank while being read")
+        _check_crc(entry, stored)
+        return stored
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Decode one tensor (original dtype and shape) on ``device``.
 
         Only stored bytes cross to an accelerator: a rANS payload too is decoded there."""
         device = torch.device(device)
-        rans_device = None if device.type == "cpu" else device
         entry = self.entry(name)
+        if entry.compression == "rans":
+            # the decoded indices go straight to dequantization: packing them only to unpack
+            # them again took more time than the decoding
+            indices = _rans_indices(entry, self._read_stored(entry), None if device.type == "cpu" else device)
+            return decode_indices(entry, indices, device)
         # only raw tensors can be views of their payload; the other decoders build new tensors
-        payload = self._read_payload(name, rans_device, writable=entry.encoding == "raw")
-        return decode_payload(entry, payload, device)
+        return decode_payload(entry, self._read_payload(name, writable=entry.encoding == "raw"), device)
 
     def close(self) -> None:
         """Close the file. Further reads fail."""
@@ -218,18 +225,27 @@ def _zstd_decompress(entry: TensorEntry, stored: bytes, writable: bool = True) -
         return torch.frombuffer(bytearray(raw) if writable else raw, dtype=torch.uint8)
 
 
-def _rans_decode(entry: TensorEntry, stored: bytes, device: torch.device | None = None) -> torch.Tensor:
-    """The packed indices (section 4) that a rANS payload codes, so decoding continues as for
-    packed payloads (R20 checks them). With ``device``, the payload is decoded there by the
-    torch decoder and the packed indices stay there: only stored bytes cross the bus."""
+def _rans_indices(entry: TensorEntry, stored: bytes, device: torch.device | None) -> torch.Tensor:
+    """The indices a rANS payload codes, as a 1-D tensor (uint8, int16 up to 15 bits, else
+    int32, as :func:`unpack_bits` gives them). With ``device``, they are decoded there by the
+    torch decoder: only stored bytes cross the bus."""
     try:
         if device is not None:
-            return pack_bits(rans.decode_torch(stored, entry.numel, entry.bits, device), entry.width)
-        indices = rans.decode(stored, entry.numel, entry.bits)
+            indices = rans.decode_torch(stored, entry.numel, entry.bits, device)
+            return indices.to(torch.int16) if indices.dtype == torch.int32 and entry.bits < 16 else indices
+        decoded = rans.decode(stored, entry.numel, entry.bits)
     except rans.RansError as exc:
         raise FormatError("R19", f"tensor {entry.name!r}: rANS payload is corrupted: {exc}") from None
-    return pack_bits(torch.from_numpy(indices.view(np.int16) if indices.dtype == np.uint16 else indices),
-                     entry.width)
+    if decoded.dtype == np.uint8:
+        return torch.from_numpy(decoded)
+    # 9..15-bit values fit int16 as they are; 16-bit ones need int32
+    return torch.from_numpy(decoded.view(np.int16)) if entry.bits < 16 else torch.from_numpy(decoded.astype(np.int32))
+
+
+def _pack_indices(entry: TensorEntry, indices: torch.Tensor) -> torch.Tensor:
+    """The packed form (section 4) of decoded rANS indices: what :meth:`QpkReader.read_payload`
+    returns for them, checked by R20 like any packed payload."""
+    return pack_bits(indices, entry.width)
 
 
 def _params_on(entry: TensorEntry, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -259,7 +275,17 @@ def decode_payload(entry: TensorEntry, payload: torch.Tensor, device: str | torc
     used_bits = entry.numel * entry.width % 8
     if used_bits and int(payload[-1]) >> used_bits:
         raise FormatError("R20", f"tensor {entry.name!r}: unused bits of the last payload byte are not zero")
-    indices = unpack_bits(payload.to(device, non_blocking=True), entry.width, entry.numel)
+    return decode_indices(entry, unpack_bits(payload.to(device, non_blocking=True), entry.width, entry.numel), device)
+
+
+def decode_indices(entry: TensorEntry, indices: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Turn a quantized tensor's indices (1-D, on ``device``) into the tensor: the part of
+    :func:`decode_payload` after unpacking.
+
+    Raises:
+        FormatError: an index past the codebook or the grid (R20).
+    """
+    dtype = dtype_from_name(entry.dtype)
     limit = entry.params["codebook_size"] if entry.encoding == "kmeans" else 1 << entry.bits
     if limit < 1 << entry.width and int(indices.max()) >= limit:
         what = f"the {limit}-entry codebook" if entry.encoding == "kmeans" else f"{entry.bits} bits"

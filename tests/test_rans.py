@@ -394,10 +394,13 @@ def test_reader_device_path_decodes_with_torch_bit_identical(tmp_path, skewed_we
         entry = reader.entry("fc.weight")
         assert entry.compression == "rans"
         stored = (tmp_path / "coded.qpk").read_bytes()[reader.data_start + entry.offset:][:entry.length]
-        on_device = reader_module._rans_decode(entry, stored, torch.device("cpu"))
-        assert torch.equal(on_device, reader.read_payload("fc.weight"))
+        on_device = reader_module._rans_indices(entry, stored, torch.device("cpu"))  # the torch decoder
+        on_cpu = reader_module._rans_indices(entry, stored, None)
+        assert on_device.dtype == on_cpu.dtype and torch.equal(on_device, on_cpu)
+        assert torch.equal(reader_module._pack_indices(entry, on_device), reader.read_payload("fc.weight"))
+        assert torch.equal(reader_module.decode_indices(entry, on_device), reader.tensor("fc.weight"))
         with pytest.raises(FormatError, match="rANS payload is corrupted"):
-            reader_module._rans_decode(entry, stored[:-2], torch.device("cpu"))
+            reader_module._rans_indices(entry, stored[:-2], torch.device("cpu"))
 
 
 def test_import_qpack_does_not_import_numba():
