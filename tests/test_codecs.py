@@ -212,6 +212,7 @@ def test_prune_fraction_is_validated(tmp_path):
 ])
 def test_lookup_dequantization_matches_the_torch_path_bit_for_bit(monkeypatch, bits, rows, row_length, dtype):
     pytest.importorskip("numba", reason="the lookup kernel needs numba (the torch path is the fallback)")
+    # (importorskip imported numba: the lookup runs only once numba is loaded)
     from qpack.codecs import kmeans, lookup
     from qpack.bitpack import unpack_bits, pack_bits
 

@@ -102,30 +102,38 @@ def case(n: int, bits: int, spread: float, repeats: int) -> dict:
 
 _STARTUP = """
 import sys, time
-started = time.perf_counter(); import qpack; imported = time.perf_counter() - started
+def clock():
+    return time.perf_counter(), time.process_time()
+def since(start):
+    now = clock()
+    return f"{now[0] - start[0]:.4f},{now[1] - start[1]:.4f}"
+start = clock(); import qpack; imported = since(start)
 assert "numba" not in sys.modules
+import os
 import numpy as np
 from qpack import rans
 indices = np.arange(100_000) % 7
-started = time.perf_counter(); kernels = rans._kernels(); numba_import = time.perf_counter() - started
-import os
+start = clock(); kernels = rans._kernels(); numba_import = since(start)
 os.environ["QPACK_NO_JIT"] = "1"; coded = rans.encode(indices); del os.environ["QPACK_NO_JIT"]
-started = time.perf_counter(); rans.decode(coded, indices.size, 3); first_decode = time.perf_counter() - started
-started = time.perf_counter(); rans.encode(indices); first_encode = time.perf_counter() - started
+start = clock(); rans.decode(coded, indices.size, 3); first_decode = since(start)
+start = clock(); rans.encode(indices); first_encode = since(start)
 print(imported, numba_import, first_decode, first_encode, kernels is not None)
 """
 
 
 def startup() -> dict:
-    """Import and first-call times in fresh interpreters: numba cache empty, then warm."""
+    """Import and first-call times (wall, CPU) in fresh interpreters: numba cache empty, then warm."""
     out = {}
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
         for label in ("cold", "warm"):
             proc = subprocess.run([sys.executable, "-c", _STARTUP], capture_output=True, text=True, env=env, check=True)
-            imported, numba_import, decode, encode, jit = proc.stdout.split()
-            out[label] = {"import_qpack_s": float(imported), "import_kernels_s": float(numba_import),
-                          "first_decode_s": float(decode), "first_encode_s": float(encode), "jit": jit == "True"}
+            *times, jit = proc.stdout.split()
+            keys = ("import_qpack", "import_kernels", "first_decode", "first_encode")
+            out[label] = {"jit": jit == "True"}
+            for key, pair in zip(keys, times):
+                wall, cpu = (float(v) for v in pair.split(","))
+                out[label][key + "_s"], out[label][key + "_cpu_s"] = wall, cpu
     return out
 
 
@@ -141,9 +149,10 @@ def main() -> int:
     shapes = [(3, 0.02), (4, 0.05), (5, 0.08), (8, 0.03), (8, 0.005)]
     first = startup()
     for label, r in first.items():
-        print(f"{label} numba cache: import qpack {r['import_qpack_s']:.2f} s (numba not imported), "
-              f"import numba + kernels {r['import_kernels_s']:.2f} s, first decode {r['first_decode_s']:.2f} s, "
-              f"first encode {r['first_encode_s']:.2f} s")
+        print(f"{label} numba cache, wall (CPU) s: import qpack {r['import_qpack_s']:.2f} ({r['import_qpack_cpu_s']:.2f}), "
+              f"numba not imported; import numba + kernels {r['import_kernels_s']:.2f} ({r['import_kernels_cpu_s']:.2f}); "
+              f"first decode {r['first_decode_s']:.2f} ({r['first_decode_cpu_s']:.2f}); "
+              f"first encode {r['first_encode_s']:.2f} ({r['first_encode_cpu_s']:.2f})")
     rows = [case(n, bits, spread, args.repeats) for n in sizes for bits, spread in shapes]
     print("rANS: compiled kernels (jit), numpy reference (np, <= 1 M), torch decoder on CPU (torch, 100 k); "
           "M indices/s by CPU time (wall in brackets)")
