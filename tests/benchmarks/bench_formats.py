@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's qpack, not an installed one
 from _measure import PeakSampler, interleaved_best  # after the sys.path change, on purpose
 
 HERE = Path(__file__).resolve()
