@@ -35,7 +35,7 @@ from .format import (
     preamble_version,
 )
 
-__all__ = ["QpkReader", "decode_payload", "MaxBytes"]
+__all__ = ["QpkReader", "decode_payload", "decode_indices", "MaxBytes"]
 
 #: a reader's bound on decoded bytes (spec R23): "auto" for the spec's default (256x the file
 #: size, at least 16 MiB), a number of bytes, or None for no bound
@@ -137,6 +137,11 @@ class QpkReader:
     # -- payloads --------------------------------------------------------------------------
     def read_payload(self, name: str) -> torch.Tensor:
         """The decompressed payload of one tensor as a writable 1-D uint8 CPU tensor."""
+        return self._read_payload(name)
+
+    def _read_payload(self, name: str, writable: bool = True) -> torch.Tensor:
+        """:meth:`read_payload`; ``writable=False``: the caller only reads the payload, so a
+        zstd payload is not copied out of the decompressor's bytes."""
         entry = self.entry(name)
         position = self.data_start + entry.offset
         if entry.compression == "none":
@@ -149,27 +154,41 @@ class QpkReader:
             elif entry.crc32 != 0:
                 raise ChecksumError("R18", f"tensor {name!r}: checksum mismatch on its empty payload")
             return out
-        stored = os.pread(self._fd, entry.length, position)
-        if len(stored) != entry.length:
-            raise FormatError("R16", f"tensor {name!r}: file shrank while being read")
-        _check_crc(entry, stored)
+        stored = self._read_stored(entry)
         if entry.compression == "rans":
-            return _rans_decode(entry, stored)
-        raw = _zstd_decompress(entry, stored)
+            return _pack_indices(entry, _rans_indices(entry, stored, None))
+        raw = _zstd_decompress(entry, stored, writable)
         if entry.compression == "zstd_planes":
             return codecs.raw.join_planes(raw, itemsize(entry.dtype))
         return raw
 
+    def _read_stored(self, entry: TensorEntry) -> bytes:
+        """A compressed payload's stored bytes, checksummed (R18)."""
+        stored = os.pread(self._fd, entry.length, self.data_start + entry.offset)
+        if len(stored) != entry.length:
+            raise FormatError("R16", f"tensor {entry.name!r}: file shrank while being read")
+        _check_crc(entry, stored)
+        return stored
+
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Decode one tensor (original dtype and shape) on ``device``.
+
+        Only stored bytes cross to an accelerator: a rANS payload too is decoded there.
 
         Raises:
             FormatError: the payload breaks R18-R20.
             OutOfMemoryError: an allocation failed; the message names the tensor and the bytes.
         """
+        device = torch.device(device)
         entry = self.entry(name)
         with _allocation_failures_named(entry):
-            return decode_payload(entry, self.read_payload(name), device)
+            if entry.compression == "rans":
+                # the decoded indices go straight to dequantization: packing them only to unpack
+                # them again took more time than the decoding
+                indices = _rans_indices(entry, self._read_stored(entry), None if device.type == "cpu" else device)
+                return decode_indices(entry, indices, device)
+            # only raw tensors can be views of their payload; the other decoders build new tensors
+            return decode_payload(entry, self._read_payload(name, writable=entry.encoding == "raw"), device)
 
     def check(self, name: str) -> None:
         """Check one tensor's payload as decoding it would (R18-R20), without keeping it.
@@ -279,7 +298,7 @@ def _check_declared_size(entry: TensorEntry, frame_start: bytes) -> None:
         raise FormatError("R19", f"tensor {entry.name!r}: zstd frame declares {declared} bytes, header says {entry.raw_length}")
 
 
-def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
+def _zstd_decompress(entry: TensorEntry, stored: bytes, writable: bool = True) -> torch.Tensor:
     _check_declared_size(entry, stored)
     try:
         # the output buffer is the declared size, which R19 just pinned to raw_length (itself
@@ -289,20 +308,35 @@ def _zstd_decompress(entry: TensorEntry, stored: bytes) -> torch.Tensor:
         raise FormatError("R19", f"tensor {entry.name!r}: zstd payload is corrupted: {exc}") from None
     if len(raw) != entry.raw_length:
         raise FormatError("R19", f"tensor {entry.name!r}: decompressed to {len(raw)} bytes, expected {entry.raw_length}")
+    if not raw:
+        return torch.empty(0, dtype=torch.uint8)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only bytes; callers get a copy or a new tensor
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        warnings.simplefilter("ignore")  # read-only bytes: a copy when the caller may write
+        # the copy (and its fresh pages) cost 40 % of an 8-bit load's decompression
+        return torch.frombuffer(bytearray(raw) if writable else raw, dtype=torch.uint8)
 
 
-def _rans_decode(entry: TensorEntry, stored: bytes) -> torch.Tensor:
-    """The packed indices (section 4) that a rANS payload codes, so decoding continues as for
-    packed payloads: only packed bytes cross to the device, and R20 checks them."""
+def _rans_indices(entry: TensorEntry, stored: bytes, device: torch.device | None) -> torch.Tensor:
+    """The indices a rANS payload codes, as a 1-D tensor (uint8, int16 up to 15 bits, else
+    int32, as :func:`unpack_bits` gives them). With ``device``, they are decoded there by the
+    torch decoder: only stored bytes cross the bus."""
     try:
-        indices = rans.decode(stored, entry.numel, entry.bits)
+        if device is not None:
+            indices = rans.decode_torch(stored, entry.numel, entry.bits, device)
+            return indices.to(torch.int16) if indices.dtype == torch.int32 and entry.bits < 16 else indices
+        decoded = rans.decode(stored, entry.numel, entry.bits)
     except rans.RansError as exc:
         raise FormatError("R19", f"tensor {entry.name!r}: rANS payload is corrupted: {exc}") from None
-    return pack_bits(torch.from_numpy(indices.view(np.int16) if indices.dtype == np.uint16 else indices),
-                     entry.width)
+    if decoded.dtype == np.uint8:
+        return torch.from_numpy(decoded)
+    # 9..15-bit values fit int16 as they are; 16-bit ones need int32
+    return torch.from_numpy(decoded.view(np.int16)) if entry.bits < 16 else torch.from_numpy(decoded.astype(np.int32))
+
+
+def _pack_indices(entry: TensorEntry, indices: torch.Tensor) -> torch.Tensor:
+    """The packed form (section 4) of decoded rANS indices: what :meth:`QpkReader.read_payload`
+    returns for them, checked by R20 like any packed payload."""
+    return pack_bits(indices, entry.width)
 
 
 def _params_on(entry: TensorEntry, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -333,7 +367,17 @@ def decode_payload(entry: TensorEntry, payload: torch.Tensor, device: str | torc
     used_bits = entry.numel * entry.width % 8
     if used_bits and int(payload[-1]) >> used_bits:
         raise FormatError("R20", f"tensor {entry.name!r}: unused bits of the last payload byte are not zero")
-    indices = unpack_bits(payload.to(device, non_blocking=True), entry.width, entry.numel)
+    return decode_indices(entry, unpack_bits(payload.to(device, non_blocking=True), entry.width, entry.numel), device)
+
+
+def decode_indices(entry: TensorEntry, indices: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Turn a quantized tensor's indices (1-D, on ``device``) into the tensor: the part of
+    :func:`decode_payload` after unpacking.
+
+    Raises:
+        FormatError: an index past the codebook or the grid (R20).
+    """
+    dtype = dtype_from_name(entry.dtype)
     limit = entry.params["codebook_size"] if entry.encoding == "kmeans" else 1 << entry.bits
     if limit < 1 << entry.width and int(indices.max()) >= limit:
         what = f"the {limit}-entry codebook" if entry.encoding == "kmeans" else f"{entry.bits} bits"

@@ -204,3 +204,37 @@ def test_prune_fraction_is_validated(tmp_path):
     for bad in [-0.1, 1.0, 2, "half"]:
         with pytest.raises(qpack.InputError):
             qpack.pack({"w": torch.randn(16, 16)}, tmp_path / "p.qpk", prune=bad, force=True)
+
+
+# -- the table-lookup fast path (qpack.codecs.lookup) against the torch reference ---------------
+
+@pytest.mark.parametrize("bits, rows, row_length, dtype", [
+    (8, 1, None, torch.float32), (3, 1, None, torch.float32), (8, 96, None, torch.float32),
+    (5, 0, 1000, torch.float32), (12, 1, None, torch.float32), (16, 1, None, torch.bfloat16),
+    (8, 1, None, torch.float16),
+])
+def test_lookup_dequantization_matches_the_torch_path_bit_for_bit(monkeypatch, bits, rows, row_length, dtype):
+    pytest.importorskip("numba", reason="the lookup kernel needs numba (the torch path is the fallback)")
+    # (importorskip imported numba: the lookup runs only once numba is loaded)
+    from qpack.codecs import kmeans, lookup
+    from qpack.bitpack import unpack_bits, pack_bits
+
+    gen = torch.Generator().manual_seed(bits * 1000 + rows)
+    count = 96 * 1024 - 7 if row_length else 96 * 1024
+    rows = rows or -(-count // row_length)  # groups: the last one short
+    raw = torch.randint(0, 1 << bits, (count,), generator=gen)
+    indices = unpack_bits(pack_bits(raw, bits), bits, count)  # the dtype the reader hands over
+    lo = torch.randn(rows, generator=gen)
+    params = {"min": lo, "max": lo + torch.rand(rows, generator=gen) * 3}
+    codebook = {"codebook": torch.randn(rows, 1 << bits, generator=gen)}
+    shape = (count,)
+    assert lookup.worth_a_table(indices, rows, 1 << bits) == (rows << bits <= count // 2)
+    fast = [uniform.dequantize(indices, params, bits, shape, dtype, row_length),
+            kmeans.dequantize(indices, codebook, bits, shape, dtype, row_length)]
+    monkeypatch.setenv("QPACK_NO_JIT", "1")
+    assert not lookup.worth_a_table(indices, rows, 1 << bits)
+    reference = [uniform.dequantize(indices, params, bits, shape, dtype, row_length),
+                 kmeans.dequantize(indices, codebook, bits, shape, dtype, row_length)]
+    for a, b in zip(fast, reference):
+        assert a.dtype == b.dtype == dtype and torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                                            b.view(torch.int16 if dtype != torch.float32 else torch.int32))

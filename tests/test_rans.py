@@ -251,3 +251,169 @@ def test_rans_modes(tmp_path, skewed_weights):
     assert payload["always"][0] == "rans" and payload["always"][1] < payload["never"][1]
     with pytest.raises(qpack.InputError, match="rans mode"):
         qpack.pack(weights, tmp_path / "bad.qpk", rans="sometimes")
+
+
+# -- the compiled kernels and the torch decoder, against the numpy reference ---------------------
+
+def _numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QPACK_NO_JIT", "1")
+
+
+def _outcome(decode, *args):
+    """What a decoder makes of a payload: its indices as int64, or the error's message."""
+    try:
+        return np.asarray(decode(*args)).astype(np.int64)
+    except rans.RansError as exc:
+        return str(exc)
+
+
+def _same(a, b) -> bool:
+    return a == b if isinstance(a, str) or isinstance(b, str) else np.array_equal(a, b)
+
+
+def _adversarial_indices() -> list[tuple[np.ndarray, int]]:
+    rng = np.random.default_rng(7)
+    cases = [
+        (np.ones(1, np.int64), 1),  # one symbol: frequency 2^15, f * 2^17 = 2^32
+        (np.full(70_000, 1), 1),
+        (np.arange(1 << rans.PROB_BITS), 15),  # the largest alphabet: every frequency 1
+        (np.concatenate((np.zeros(200_000, np.int64), [65_535])), 16),  # a symbol of frequency 1 among 2^15
+        (rng.integers(0, 1 << 16, 20_000), 16),
+        (rng.integers(0, 2, 123_457), 1),  # flat: every step refills about half the lanes
+        (skewed(9_999, 256, 0.3, seed=2), 8),
+    ]
+    return cases
+
+
+@pytest.fixture(scope="module")
+def jit():
+    pytest.importorskip("numba", reason="the compiled kernels need numba (the numpy path is the fallback)")
+    if rans._kernels() is None:
+        pytest.skip("QPACK_NO_JIT is set")
+    return rans._kernels()
+
+
+@pytest.mark.parametrize("case", range(len(_adversarial_indices())))
+def test_compiled_kernels_match_the_numpy_reference_bit_for_bit(jit, monkeypatch, case):
+    indices, bits = _adversarial_indices()[case]
+    compiled = rans.encode(indices)
+    decoded = rans.decode(compiled, indices.size, bits)
+    _numpy_path(monkeypatch)
+    reference = rans.encode(indices)
+    assert compiled == reference
+    assert decoded.dtype == rans.decode(reference, indices.size, bits).dtype
+    assert np.array_equal(decoded.astype(np.int64), indices)
+
+
+@pytest.mark.parametrize("n, levels, scale", [(100_001, 16, 1.5), (300_000, 4096, 200.0), (50_000, 2, 0.05)])
+def test_compiled_round_trip_matches_reference(jit, monkeypatch, n, levels, scale):
+    indices = skewed(n, levels, scale, seed=n)
+    bits = max(1, (levels - 1).bit_length())
+    compiled = rans.encode(indices)
+    assert np.array_equal(rans.decode(compiled, n, bits).astype(np.int64), indices)
+    _numpy_path(monkeypatch)
+    assert rans.encode(indices) == compiled
+
+
+def _crafted_payloads(count: int, seed: int) -> list[tuple[bytes, int]]:
+    """Random payloads that pass every header check (lanes, table, states in [2^16, 2^32)):
+    their words decode to anything, run out or are left over."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        lanes = int(rng.integers(1, 40))
+        numel = lanes * int(rng.integers(1, 30)) + int(rng.integers(0, lanes))
+        alphabet = int(rng.integers(1, 9))
+        freq = rans.normalize(rng.integers(1, 1000, alphabet))
+        state = rng.integers(1 << 16, 1 << 32, lanes, dtype=np.int64)
+        words = rng.integers(0, 1 << 16, int(rng.integers(0, numel + 1)))
+        out.append((b"".join((np.array([lanes, alphabet], "<u4").tobytes(), freq.astype("<u2").tobytes(),
+                              state.astype("<u4").tobytes(), words.astype("<u2").tobytes())), numel))
+    return out
+
+
+def test_compiled_decoder_agrees_on_damaged_and_crafted_payloads(jit, monkeypatch):
+    payload, n, _, _ = _payload(1000, 4)
+    rng = np.random.default_rng(5)
+    inputs = _crafted_payloads(80, seed=1)
+    for _ in range(80):
+        damaged = bytearray(payload)
+        for position in rng.integers(0, len(payload), rng.integers(1, 4)):
+            damaged[position] = rng.integers(0, 256)
+        inputs.append((bytes(damaged), n))
+    compiled = [_outcome(rans.decode, data, count, 3) for data, count in inputs]
+    _numpy_path(monkeypatch)
+    reference = [_outcome(rans.decode, data, count, 3) for data, count in inputs]
+    assert all(_same(a, b) for a, b in zip(compiled, reference))
+    assert len({r for r in reference if isinstance(r, str)}) >= 3  # several kinds of failure
+
+
+def test_compiled_decode_loop_matches_the_reference_state_by_state(jit):
+    # below the final checks: the same indices and lane states on payloads that decode to
+    # garbage, as long as the words last (the reference stops when they run out)
+    for data, numel in _crafted_payloads(200, seed=3):
+        freq, state, words = rans._parse(data, numel, 3)
+        outs, states, errors = [], [], []
+        for run in (rans._decode_numpy, lambda *a: rans._decode_jit(jit, *a)):
+            out, lanes = np.zeros(numel, np.uint8), state.copy()
+            try:
+                run(out, freq, lanes, words)
+                errors.append(None)
+            except rans.RansError as exc:
+                errors.append(str(exc))
+            outs.append(out)
+            states.append(lanes)
+        assert errors[0] == errors[1]
+        if "ends early" not in str(errors[0]):
+            assert np.array_equal(*outs) and np.array_equal(*states)
+
+
+@pytest.mark.parametrize("n, levels, scale", [(1, 2, 1.0), (7, 4, 1.0), (5000, 8, 1.0), (40_000, 16, 2.0),
+                                             (20_001, 65536, 3.0), (30_000, 256, 6.0)])
+def test_torch_decoder_on_cpu_matches_the_reference(n, levels, scale):
+    indices = skewed(n, levels, scale, seed=n)
+    bits = max(1, (levels - 1).bit_length())
+    payload = rans.encode(indices)
+    decoded = rans.decode_torch(payload, n, bits, "cpu")
+    assert decoded.dtype == (torch.uint8 if levels <= 256 else torch.int32)
+    assert np.array_equal(decoded.numpy().astype(np.int64), rans.decode(payload, n, bits).astype(np.int64))
+
+
+def test_torch_decoder_agrees_on_damaged_and_crafted_payloads():
+    payload, n, _, _ = _payload(300, 4)
+    rng = np.random.default_rng(9)
+    inputs = _crafted_payloads(25, seed=2)
+    for _ in range(25):
+        damaged = bytearray(payload)
+        damaged[rng.integers(0, len(payload))] = rng.integers(0, 256)
+        inputs.append((bytes(damaged), n))
+    for data, count in inputs:
+        expected = _outcome(rans.decode, data, count, 3)
+        assert _same(_outcome(rans.decode_torch, data, count, 3, "cpu"), expected)
+
+
+def test_reader_device_path_decodes_with_torch_bit_identical(tmp_path, skewed_weights):
+    from qpack import reader as reader_module
+
+    qpack.pack(skewed_weights, tmp_path / "coded.qpk", bits=5)
+    with QpkReader(tmp_path / "coded.qpk") as reader:
+        entry = reader.entry("fc.weight")
+        assert entry.compression == "rans"
+        stored = (tmp_path / "coded.qpk").read_bytes()[reader.data_start + entry.offset:][:entry.length]
+        on_device = reader_module._rans_indices(entry, stored, torch.device("cpu"))  # the torch decoder
+        on_cpu = reader_module._rans_indices(entry, stored, None)
+        assert on_device.dtype == on_cpu.dtype and torch.equal(on_device, on_cpu)
+        assert torch.equal(reader_module._pack_indices(entry, on_device), reader.read_payload("fc.weight"))
+        assert torch.equal(reader_module.decode_indices(entry, on_device), reader.tensor("fc.weight"))
+        with pytest.raises(FormatError, match="rANS payload is corrupted"):
+            reader_module._rans_indices(entry, stored[:-2], torch.device("cpu"))
+
+
+def test_import_qpack_does_not_import_numba():
+    import subprocess
+    import sys
+
+    code = ("import sys, qpack; a = 'numba' in sys.modules; qpack.rans._kernels(); "
+            "print(a, 'qpack.rans_jit' in sys.modules or qpack.rans._kernels() is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .lookup import lookup, worth_a_table
 from .rows import as_rows, from_rows
 
 __all__ = ["choose_params", "quantize", "dequantize", "as_float16"]
@@ -74,6 +75,8 @@ def dequantize(indices: torch.Tensor, params: dict[str, torch.Tensor], bits: int
     codebook = params["codebook"]
     rows, size = codebook.shape
     count = indices.numel()
+    if worth_a_table(indices, rows, size):
+        return lookup(indices, codebook.to(torch.float32), row_length or -(-count // rows)).reshape(shape).to(dtype)
     idx = as_rows(indices, rows, row_length).to(torch.int32)
     if rows > 1:
         idx = idx + (torch.arange(rows, device=idx.device, dtype=idx.dtype) * size)[:, None]

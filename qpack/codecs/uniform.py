@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .lookup import lookup, worth_a_table
 from .rows import as_rows, from_rows
 
 __all__ = ["choose_params", "quantize", "dequantize", "step_of", "as_float16", "as_uint8", "from_uint8"]
@@ -236,6 +237,12 @@ def dequantize(indices: torch.Tensor, params: dict[str, torch.Tensor], bits: int
     lo, hi = params["min"], params["max"]
     step = step_of(lo, hi, bits)
     count = indices.numel()
+    rows = lo.numel()
+    if worth_a_table(indices, rows, 1 << bits):
+        # the same two roundings on every level of every row, then one lookup per element
+        levels = torch.arange(1 << bits, dtype=torch.float32)[None, :].mul(step.reshape(-1, 1)).add_(lo.reshape(-1, 1))
+        row_length = row_length or -(-count // rows)
+        return lookup(indices, levels, row_length).reshape(shape).to(dtype)
     if lo.numel() == 1 and indices.device.type == "cpu" and count > _CACHE_BLOCK:
         values = _dequantize_cached(indices.reshape(-1), lo.reshape(()), step.reshape(()))
         return values.reshape(shape).to(dtype)

@@ -2,7 +2,8 @@
 
 Run it as a script (pytest does not collect it):
 
-    python tests/benchmarks/bench_formats.py                 # seed net + ~100M synthetic
+    python tests/benchmarks/bench_formats.py                 # seed net + ~25M synthetic
+    python tests/benchmarks/bench_formats.py --size full     # ~100M synthetic (slow to pack)
     python tests/benchmarks/bench_formats.py --quick         # small sizes, for development
     python tests/benchmarks/bench_formats.py --models seed --json out.json --out DIR
     python tests/benchmarks/bench_formats.py --big           # also the 2 GB streaming check
@@ -22,6 +23,9 @@ For every model it prints one table row per format and writes everything to ``--
   this one process (so the page cache is warm for all alike), up to the point where every
   page of every returned tensor is resident (lazily memory-mapped results are touched once
   per page; an in-memory result costs nothing extra); and the ratio to ``torch.load``;
+  also the CPU time of the same best runs (all threads of this process), the fairer figure
+  on a machine shared with other jobs; rows marked "(numpy)" load a file written for
+  another row with ``QPACK_NO_JIT=1`` (qpack's numpy/torch reference code, no numba);
 - peak resident memory of the pack step: peak ``RssAnon`` (anonymous memory, so not the
   pages of the memory-mapped input) sampled every 2 ms from a thread in the worker, and the
   kernel's ``VmHWM`` (total RSS, file pages included) reset just before the step.
@@ -61,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's qpack, not an installed one
 from _measure import PeakSampler, interleaved_best  # after the sys.path change, on purpose
 
 HERE = Path(__file__).resolve()
@@ -83,6 +88,10 @@ class Format:
     suffix: str
     options: dict[str, Any] = field(default_factory=dict)
     lossless: bool = False
+    #: load this other row's file (nothing is packed for this row) ...
+    file_of: str | None = None
+    #: ... with these environment variables set during the load
+    load_env: dict[str, str] = field(default_factory=dict)
 
 
 FORMATS = [
@@ -92,6 +101,8 @@ FORMATS = [
     Format("gguf-q4_0", "gguf Q4_0", "gguf", ".gguf", {"qtype": "Q4_0"}),
     Format("gguf-q4_1", "gguf Q4_1", "gguf", ".gguf", {"qtype": "Q4_1"}),
     Format("qpack-u8", "qpack uniform 8b", "qpack", ".qpk", {"bits": 8, "method": "uniform"}),
+    Format("qpack-u8-numpy", "qpack uniform 8b (numpy)", "qpack", ".qpk", file_of="qpack-u8",
+           load_env={"QPACK_NO_JIT": "1"}),
     Format("qpack-u4", "qpack uniform 4b", "qpack", ".qpk", {"bits": 4, "method": "uniform"}),
     Format("qpack-u4-ch", "qpack uniform 4b/ch", "qpack", ".qpk",
            {"bits": 4, "method": "uniform", "granularity": "channel"}),
@@ -106,6 +117,8 @@ FORMATS = [
            {"bits": 5, "method": "uniform", "granularity": "channel"}),
     Format("qpack-t4.53-ch", "qpack target 4.53/ch", "qpack", ".qpk",
            {"target_bpw": 4.53, "method": "uniform", "granularity": "channel", "allocate_granularity": "channel"}),
+    Format("qpack-t4.53-ch-numpy", "qpack target 4.53/ch (numpy)", "qpack", ".qpk", file_of="qpack-t4.53-ch",
+           load_env={"QPACK_NO_JIT": "1"}),
     Format("qpack-t5.03-ch", "qpack target 5.03/ch", "qpack", ".qpk",
            {"target_bpw": 5.03, "method": "uniform", "granularity": "channel", "allocate_granularity": "channel"}),
     # the same targets with each tensor's granularity chosen too (channel or tensor)
@@ -289,6 +302,8 @@ class TransformerShape:
 
 #: ~100M parameters (99,998,208): 12 layers of d_model 768, MLP 3072, vocabulary 18432
 SYNTHETIC_FULL = TransformerShape(layers=12, d_model=768, d_ff=3072, vocab=18432, positions=1024)
+#: ~25M parameters (25,468,928), the default: packs and loads in a few minutes on 2 cores
+SYNTHETIC_MEDIUM = TransformerShape(layers=6, d_model=512, d_ff=2048, vocab=12288, positions=512)
 #: ~2.6M parameters for --quick
 SYNTHETIC_QUICK = TransformerShape(layers=2, d_model=256, d_ff=1024, vocab=4096, positions=512)
 
@@ -418,8 +433,19 @@ def loader(fmt: Format, path: str, timings: dict[str, list[float]],
             return qpack.load(path, threads=threads)
 
     def load_and_touch() -> dict[str, Any]:
-        state = load()
-        touch(state)
+        saved = {k: os.environ.get(k) for k in fmt.load_env}
+        os.environ.update(fmt.load_env)
+        started = time.process_time()
+        try:
+            state = load()
+            touch(state)
+        finally:
+            timings.setdefault("cpu_s", []).append(time.process_time() - started)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         return state
     return load_and_touch
 
@@ -446,6 +472,8 @@ class Row:
     load_s: float | None = None
     load_runs_s: list[float] = field(default_factory=list)
     load_vs_torch: float | None = None
+    load_cpu_s: float | None = None
+    load_cpu_vs_torch: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -475,6 +503,15 @@ def bench_model(name: str, state: dict[str, Any], formats: list[Format], out_dir
             row.available = False
             row.notes.append(f"skipped: {missing} is not installed")
             log(f"  {name}: {fmt.label}: skipped ({missing} not installed)")
+            continue
+        if fmt.file_of is not None:
+            if fmt.file_of in paths:
+                source = rows[fmt.file_of]
+                paths[fmt.key] = paths[fmt.file_of]
+                row.file_bytes, row.bits_per_weight = source.file_bytes, source.bits_per_weight
+                row.notes.append(f"the file of {source.label}, loaded with {fmt.load_env}")
+            else:
+                row.notes.append(f"skipped: needs the row {fmt.file_of}")
             continue
         dst = paths[fmt.key] = out_dir / f"{name}-{fmt.key}{fmt.suffix}"
         if fmt.family == "gguf":
@@ -534,6 +571,8 @@ def bench_model(name: str, state: dict[str, Any], formats: list[Format], out_dir
         row = rows[key]
         row.load_runs_s = runs
         row.load_s = min(runs)
+        cpu_runs = timings[key].get("cpu_s", [])[1:]  # the warm-up round left out
+        row.load_cpu_s = cpu_runs[runs.index(row.load_s)] if len(cpu_runs) == len(runs) else None
         dequantize_runs = timings[key].get("dequantize_s", [])[1:]  # the warm-up round left out
         if dequantize_runs:
             row.extra["dequantize_s_runs"] = dequantize_runs
@@ -543,6 +582,8 @@ def bench_model(name: str, state: dict[str, Any], formats: list[Format], out_dir
         for row in rows.values():
             if row.load_s is not None:
                 row.load_vs_torch = row.load_s / base.load_s
+            if row.load_cpu_s is not None and base.load_cpu_s:
+                row.load_cpu_vs_torch = row.load_cpu_s / base.load_cpu_s
     model["rows"] = [_json_row(row) for row in rows.values()]
     return model
 
@@ -598,17 +639,18 @@ def _fmt(value: float | None, spec: str, none: str = "-") -> str:
 def table(models: list[dict[str, Any]]) -> str:
     """The results as one plain-text table."""
     head = ["model", "format", "file MB", "bits/w", "SNR dB", "pack s", "load s", "load/torch",
-            "pack anon MB", "pack RSS MB"]
+            "load CPU s", "CPU/torch", "pack anon MB", "pack RSS MB"]
     lines = []
     for model in models:
         for row in model["rows"]:
             if not row["available"] or row["file_bytes"] is None:
-                lines.append([model["name"], row["label"], "skipped"] + [""] * 7)
+                lines.append([model["name"], row["label"], "skipped"] + [""] * 9)
                 continue
             snr = "lossless" if row["lossless"] else _fmt(row["snr_db"], ".2f")
             lines.append([
                 model["name"], row["label"], _fmt(row["file_bytes"] / MB, ".2f"), _fmt(row["bits_per_weight"], ".3f"),
                 snr, _fmt(row["pack_s"], ".3f"), _fmt(row["load_s"], ".4f"), _fmt(row["load_vs_torch"], ".2f"),
+                _fmt(row.get("load_cpu_s"), ".4f"), _fmt(row.get("load_cpu_vs_torch"), ".2f"),
                 _fmt(row["pack_peak_anon_bytes"] and row["pack_peak_anon_bytes"] / MB, ".0f"),
                 _fmt(row["pack_peak_rss_bytes"] and row["pack_peak_rss_bytes"] / MB, ".0f"),
             ])
@@ -668,7 +710,9 @@ def notes_text(models: list[dict[str, Any]], big: dict[str, Any] | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small synthetic model (~2.8M elements) instead of ~100M")
+    parser.add_argument("--quick", action="store_true", help="small synthetic model (~2.8M elements), same as --size quick")
+    parser.add_argument("--size", choices=["quick", "medium", "full"], default="medium",
+                        help="synthetic model: ~2.8M, ~25M (default) or ~100M elements")
     parser.add_argument("--models", default="seed,synthetic", help="comma-separated: seed, synthetic")
     parser.add_argument("--formats", default=",".join(f.key for f in FORMATS),
                         help="comma-separated subset of: " + ", ".join(f.key for f in FORMATS))
@@ -749,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    shape = SYNTHETIC_QUICK if args.quick else SYNTHETIC_FULL
+    size = "quick" if args.quick else args.size
+    shape = {"quick": SYNTHETIC_QUICK, "medium": SYNTHETIC_MEDIUM, "full": SYNTHETIC_FULL}[size]
     own_dir = args.out is None
     out_dir = Path(tempfile.mkdtemp(prefix="bench_formats-")) if own_dir else Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -771,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out_dir, ignore_errors=True)
     report = {
         "schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": time.perf_counter() - started,
-        "options": {"quick": args.quick, "models": models, "formats": keys, "pack_runs": args.pack_runs, "threads": args.threads,
+        "options": {"quick": args.quick, "size": size, "models": models, "formats": keys, "pack_runs": args.pack_runs, "threads": args.threads,
                     "repeats": args.repeats, "synthetic_shape": shape.__dict__ if "synthetic" in models else None,
                     "out": None if own_dir else str(out_dir), "snr_min_numel": MIN_NUMEL},
         "environment": environment(),
