@@ -30,7 +30,7 @@ from .format import (
     preamble_version,
 )
 
-__all__ = ["QpkReader", "decode_payload"]
+__all__ = ["QpkReader", "decode_payload", "decode_indices", "params_on"]
 
 _local = threading.local()
 
@@ -213,7 +213,9 @@ def _rans_decode(entry: TensorEntry, stored: bytes) -> torch.Tensor:
                      entry.width)
 
 
-def _params_on(entry: TensorEntry, device: torch.device | str) -> dict[str, torch.Tensor]:
+def params_on(entry: TensorEntry, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A quantized tensor's parameters as float32 tensors on ``device``: ``min`` and ``max``
+    (C values each) or ``codebook`` (C x K)."""
     if entry.encoding == "uniform":
         lo = torch.from_numpy(np.frombuffer(entry.params["min"], dtype="<f4").copy())
         hi = torch.from_numpy(np.frombuffer(entry.params["max"], dtype="<f4").copy())
@@ -237,6 +239,17 @@ def decode_payload(entry: TensorEntry, payload: torch.Tensor, device: str | torc
         if dtype == torch.bool and payload.numel() and int(payload.max()) > 1:
             raise FormatError("R20", f"tensor {entry.name!r}: bool bytes must be 0 or 1")
         return tensor.to(device)
+    indices = decode_indices(entry, payload, device)
+    codec = codecs.QUANTIZERS[entry.encoding]
+    row_length = entry.group_size or None
+    return codec.dequantize(indices, params_on(entry, device), entry.bits, entry.shape, dtype, row_length)
+
+
+def decode_indices(entry: TensorEntry, payload: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The flat indices of a quantized tensor's payload, unpacked on ``device`` and checked (R20).
+
+    Returns the narrowest integer type that holds them (see ``unpack_bits``).
+    """
     used_bits = entry.numel * entry.width % 8
     if used_bits and int(payload[-1]) >> used_bits:
         raise FormatError("R20", f"tensor {entry.name!r}: unused bits of the last payload byte are not zero")
@@ -245,6 +258,4 @@ def decode_payload(entry: TensorEntry, payload: torch.Tensor, device: str | torc
     if limit < 1 << entry.width and int(indices.max()) >= limit:
         what = f"the {limit}-entry codebook" if entry.encoding == "kmeans" else f"{entry.bits} bits"
         raise FormatError("R20", f"tensor {entry.name!r}: an index does not fit {what}")
-    codec = codecs.QUANTIZERS[entry.encoding]
-    row_length = entry.group_size or None
-    return codec.dequantize(indices, _params_on(entry, device), entry.bits, entry.shape, dtype, row_length)
+    return indices

@@ -16,7 +16,7 @@ import torch
 
 from .rows import as_rows, from_rows
 
-__all__ = ["choose_params", "quantize", "dequantize", "step_of"]
+__all__ = ["choose_params", "quantize", "dequantize", "dequantize_with_step", "step_of"]
 
 
 def step_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
@@ -141,8 +141,18 @@ def quantize(values: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
 def dequantize(indices: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
                shape: tuple[int, ...], dtype: torch.dtype, row_length: int | None = None) -> torch.Tensor:
     """Rebuild the tensor from its indices on the indices' device (two roundings, no FMA)."""
-    lo, hi = params["min"], params["max"]
-    step = step_of(lo, hi, bits)
+    lo = params["min"]
+    return dequantize_with_step(indices, lo, step_of(lo, params["max"], bits), shape, dtype, row_length)
+
+
+def dequantize_with_step(indices: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
+                         shape: tuple[int, ...], dtype: torch.dtype,
+                         row_length: int | None = None) -> torch.Tensor:
+    """``dequantize`` with the step (``step_of``) computed beforehand: the same roundings.
+
+    For callers that rebuild one tensor many times (qpack.packed), so the step is divided
+    once and never crosses back to the CPU.
+    """
     count = indices.numel()
     if lo.numel() == 1 and indices.device.type == "cpu" and count > _CACHE_BLOCK:
         values = _dequantize_cached(indices.reshape(-1), lo.reshape(()), step.reshape(()))
