@@ -47,6 +47,14 @@ __all__ = ["PackedWeight", "PackedLinear", "PackedConv", "PackedEmbedding", "pac
 
 log = logging.getLogger("qpack")
 
+try:  # the optional fused int8 kernel (pip install qpack[fast])
+    from . import _fused
+except ImportError:  # pragma: no cover - numba missing
+    _fused = None  # type: ignore[assignment]
+
+#: use the fused int8 kernel for small batches when numba is installed (tests turn it off)
+FUSED = True
+
 #: the forward paths a packed linear layer can take
 KERNELS = ("int8mm", "int4mm", "lookup", "dequantize")
 
@@ -172,8 +180,14 @@ class PackedLinear(_PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed
-        if packed.kernel in ("int8mm", "int4mm"):
+        if packed.kernel in ("int8mm", "int4mm") and not (x.requires_grad and torch.is_grad_enabled()):
+            # the kernels have no backward: a graph through the input takes the dequantize path
             flat = x.reshape(-1, x.shape[-1])
+            if packed.kernel == "int8mm" and flat.dtype == torch.float32 and flat.shape[0] <= fused_rows():
+                y = _fused.int8_matmul(flat.contiguous(), packed.container, packed.scales, packed.offset)
+                if self.bias is not None:
+                    y = y.add_(self.bias.to(y.dtype))
+                return y.reshape(*x.shape[:-1], self.out_features)
             if flat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 flat = flat.float()
             flat = flat.contiguous()
@@ -258,6 +272,11 @@ class PackedEmbedding(_PackedLayer):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+def fused_rows() -> int:
+    """Batch rows up to which int8 layers run the fused kernel (0 without numba)."""
+    return _fused.MAX_ROWS if _fused is not None and FUSED else 0
 
 
 def _param_rows(packed: PackedWeight, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import qpack
+import qpack.packed
 from qpack.dtypes import itemsize
 from qpack.packed import KERNELS, PackedEmbedding, PackedLinear, _int4unpack, pack_modules, packed_bytes, summary
 from qpack.reader import QpkReader
@@ -84,15 +85,20 @@ def test_each_path_matches_the_dequantized_model(tmp_path, options, path_taken):
     _assert_state_equal(path, packed)
 
 
-@pytest.mark.parametrize("kernel", ["int8mm", "dequantize"])
-def test_forced_paths_agree(tmp_path, kernel):
+@pytest.mark.parametrize("kernel,fused", [("int8mm", True), ("int8mm", False), ("dequantize", False)])
+def test_forced_paths_agree(tmp_path, monkeypatch, kernel, fused):
+    """int8 layers run the fused numba kernel for small batches, else torch._weight_int8pack_mm."""
+    if fused:
+        pytest.importorskip("numba", reason="the fused kernel needs numba (the fast and dev extras)")
+    monkeypatch.setattr(qpack.packed, "FUSED", fused)
+    assert (qpack.packed.fused_rows() >= 15) == fused
     path, reference, _ = _models(tmp_path, Net, bits=8, granularity="channel")
     torch.manual_seed(0)
     packed = Net()
     with QpkReader(path) as reader:
         done = pack_modules(packed, reader, torch.device("cpu"), kernels=(kernel,))
         packed.load_state_dict({n: reader.tensor(n) for n in reader.keys() if n not in done})
-    assert summary(packed) == {kernel if kernel != "int8mm" else "int8mm": 2, "dequantize": 3} or kernel == "dequantize"
+    assert summary(packed) == ({"int8mm": 2, "dequantize": 3} if kernel == "int8mm" else {"dequantize": 5})
     assert packed.up.kernel == kernel
     _assert_same_outputs(reference, packed, _inputs(torch.Generator().manual_seed(2)))
     _assert_state_equal(path, packed)
@@ -187,6 +193,34 @@ def test_int4_layout_inverse():
         q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
         operand = torch._convert_weight_to_int4pack_for_cpu(q, 2)
         assert torch.equal(_int4unpack(operand, n, k), q.reshape(-1).to(torch.uint8))
+
+
+def test_fused_kernel_batches(monkeypatch):
+    pytest.importorskip("numba", reason="the fused kernel needs numba (the fast and dev extras)")
+    from qpack import _fused
+
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randint(-128, 128, (37, 70), generator=gen, dtype=torch.int8)
+    scale, offset = torch.rand(37, generator=gen) * 0.01, torch.randn(37, generator=gen) * 0.1
+    weight = s.float() * scale[:, None] + offset[:, None]
+    for rows in (1, 2, 17):
+        x = torch.randn(rows, 70, generator=gen)
+        torch.testing.assert_close(_fused.int8_matmul(x, s, scale, offset), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_input_gradients_take_the_dequantize_path(tmp_path):
+    def make():
+        return nn.Sequential(nn.Linear(64, 96))
+
+    _, reference, packed = _models(tmp_path, make, bits=8, granularity="channel")
+    assert packed[0].kernel == "int8mm"
+    x = torch.randn(3, 64, requires_grad=True)
+    packed(x).sum().backward()
+    want = torch.randn(3, 64, requires_grad=True)
+    with torch.no_grad():
+        want.copy_(x)
+    reference(want).sum().backward()
+    torch.testing.assert_close(x.grad, want.grad)
 
 
 def test_kernels_listed():
