@@ -55,8 +55,12 @@ except ImportError:  # pragma: no cover - numba missing
 #: use the fused int8 kernel for small batches when numba is installed (tests turn it off)
 FUSED = True
 
-#: the forward paths a packed linear layer can take
-KERNELS = ("int8mm", "int4mm", "lookup", "dequantize")
+#: the forward paths a packed linear layer can take: see PackedLinear
+KERNELS = ("int8mm", "int4mm", "fused", "lookup", "dequantize")
+
+#: batch rows up to which the PyTorch int8 / int4 kernels beat rebuilding the weight with
+#: float32 activations (above, they are 5-10x slower than the fp32 matmul here)
+_KERNEL_ROWS = 4
 
 #: group sizes ``torch._weight_int4pack_mm_for_cpu`` accepts
 _INT4_GROUPS = (256, 128, 64, 32)
@@ -138,6 +142,14 @@ class PackedWeight(nn.Module):
         return kmeans.dequantize(indices, {"codebook": self.codebook}, self.bits, self.shape, self.dtype,
                                  self.row_length)
 
+    def fused_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` by the numba kernel that rebuilds one row of W at a time (2-D weights)."""
+        rows = self.lo.numel() if self.encoding == "uniform" else self.codebook.shape[0]
+        group = self.row_length or self.numel // rows
+        if self.encoding == "uniform":
+            return _fused.decode_matmul(x, self.container, self.bits <= 4, self.shape, group, self.lo, self.step)
+        return _fused.decode_matmul(x, self.container, self.bits <= 4, self.shape, group, codebook=self.codebook)
+
     def extra_repr(self) -> str:
         return f"{self.encoding}, bits={self.bits}, shape={self.shape}, kernel={self.kernel}"
 
@@ -160,10 +172,18 @@ class _PackedLayer(nn.Module):
 class PackedLinear(_PackedLayer):
     """``nn.Linear`` (or transformers ``Conv1D``, ``transposed=True``) over a packed weight.
 
-    The forward path (``kernel``) is one of ``KERNELS``: ``int8mm`` and ``int4mm`` run
-    PyTorch's weight-only quantized matmuls on the container, ``lookup`` rebuilds a k-means
-    weight by codebook lookup and multiplies, ``dequantize`` rebuilds a uniform weight and
-    multiplies.
+    The forward path (``kernel``) is one of ``KERNELS``:
+
+    - ``int8mm`` (uniform, per tensor or channel, 5-8 bits, int8 container): float32 batches
+      of up to ``fused_rows()`` rows run the fused numba kernel, half-precision batches and
+      batches of up to 4 rows ``torch._weight_int8pack_mm`` plus the ``min * sum(x)`` term,
+      larger ones rebuild the weight and call ``F.linear``;
+    - ``int4mm`` (uniform, at most 4 bits, without numba): ``torch._weight_int4pack_mm_for_cpu``
+      for half-precision batches and batches of up to 4 rows, else rebuild;
+    - ``fused`` (anything else, with numba): float32 batches of up to ``fused_rows()`` rows run
+      a numba kernel that rebuilds one weight row at a time in cache; larger ones rebuild;
+    - ``lookup`` / ``dequantize``: rebuild the weight (codebook lookup, or the uniform grid),
+      then ``F.linear``.
     """
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, transposed: bool = False) -> None:
@@ -180,31 +200,38 @@ class PackedLinear(_PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed
-        if packed.kernel in ("int8mm", "int4mm") and not (x.requires_grad and torch.is_grad_enabled()):
-            # the kernels have no backward: a graph through the input takes the dequantize path
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        # the kernels have no backward: a graph through the input takes the rebuilding path
+        if packed.kernel in ("int8mm", "int4mm", "fused") and not (x.requires_grad and torch.is_grad_enabled()):
             flat = x.reshape(-1, x.shape[-1])
-            if packed.kernel == "int8mm" and flat.dtype == torch.float32 and flat.shape[0] <= fused_rows():
+            small = flat.dtype == torch.float32 and rows <= fused_rows() and flat.device.type == "cpu"
+            y = None
+            if packed.kernel == "fused" and small:
+                y = packed.fused_matmul(flat.contiguous())
+            elif packed.kernel == "int8mm" and small:
                 y = _fused.int8_matmul(flat.contiguous(), packed.container, packed.scales, packed.offset)
+            elif packed.kernel != "fused" and (rows <= _KERNEL_ROWS or flat.dtype in (torch.bfloat16, torch.float16)):
+                y = self._torch_kernel(flat)
+            if y is not None:
                 if self.bias is not None:
                     y = y.add_(self.bias.to(y.dtype))
-                return y.reshape(*x.shape[:-1], self.out_features)
-            if flat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                flat = flat.float()
-            flat = flat.contiguous()
-            if packed.kernel == "int8mm":
-                y = torch._weight_int8pack_mm(flat, packed.container, packed.scales.to(flat.dtype))
-                y = y.addcmul_(flat.sum(dim=1, keepdim=True), packed.offset.to(flat.dtype)[None, :])
-            else:
-                y = torch._weight_int4pack_mm_for_cpu(flat, packed.container, packed.int4_group,
-                                                       packed.scale_zero.to(flat.dtype))
-            if self.bias is not None:
-                y = y.add_(self.bias.to(y.dtype))
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+                return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         weight = packed.dequantize()
         if self.transposed:  # transformers Conv1D: y = x @ W + b with W of shape (in, out)
             y = x @ weight
             return y if self.bias is None else y + self.bias
         return F.linear(x, weight, self.bias)
+
+    def _torch_kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        packed = self.packed
+        if flat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            flat = flat.float()
+        flat = flat.contiguous()
+        if packed.kernel == "int8mm":
+            y = torch._weight_int8pack_mm(flat, packed.container, packed.scales.to(flat.dtype))
+            return y.addcmul_(flat.sum(dim=1, keepdim=True), packed.offset.to(flat.dtype)[None, :])
+        return torch._weight_int4pack_mm_for_cpu(flat, packed.container, packed.int4_group,
+                                                 packed.scale_zero.to(flat.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
@@ -361,17 +388,22 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def choose_kernel(entry: TensorEntry, kind: str, device: torch.device) -> str:
-    """The forward path for one layer (see ``KERNELS``)."""
-    if entry.encoding == "kmeans":
-        return "lookup"
+def choose_kernel(entry: TensorEntry, kind: str, device: torch.device, allowed: tuple[str, ...] = KERNELS) -> str:
+    """The forward path for one layer (see ``KERNELS`` and ``PackedLinear``)."""
+    rebuild = "lookup" if entry.encoding == "kmeans" else "dequantize"
+    if kind != "linear" or device.type != "cpu":
+        return rebuild
+    shape = tuple(entry.shape)
     per_row = entry.granularity in ("tensor", "channel")
-    if kind == "linear" and device.type == "cpu":
-        if 5 <= entry.bits <= 8 and per_row and hasattr(torch, "_weight_int8pack_mm"):
-            return "int8mm"
-        if entry.bits <= 4 and _int4_fits(tuple(entry.shape), entry.group_size or None, device):
-            return "int4mm"
-    return "dequantize"
+    if (entry.encoding == "uniform" and 5 <= entry.bits <= 8 and per_row and "int8mm" in allowed
+            and hasattr(torch, "_weight_int8pack_mm")):
+        return "int8mm"
+    if fused_rows() and "fused" in allowed and (entry.bits > 4 or shape[1] % 2 == 0):
+        return "fused"
+    if (entry.encoding == "uniform" and entry.bits <= 4 and "int4mm" in allowed
+            and _int4_fits(shape, entry.group_size or None, device)):
+        return "int4mm"
+    return rebuild
 
 
 def pack_modules(module: nn.Module, reader: QpkReader, device: torch.device,
@@ -384,8 +416,8 @@ def pack_modules(module: nn.Module, reader: QpkReader, device: torch.device,
         module: the model; changed in place.
         reader: the open .qpk file.
         device: where containers and parameters live.
-        kernels: the paths allowed (tests force each one); ``int8mm`` and ``int4mm`` fall
-            back to ``dequantize`` when not allowed.
+        kernels: the paths allowed (tests force each one); ``lookup`` or ``dequantize``
+            when none of them fits.
 
     Returns:
         The state-dict names of the weights now packed (the caller loads everything else).
@@ -403,9 +435,7 @@ def pack_modules(module: nn.Module, reader: QpkReader, device: torch.device,
             continue
         entry = reader.entry(stored)
         kinds = {_kind(child) for _, child in users}
-        kernel = choose_kernel(entry, kinds.pop(), device) if len(kinds) == 1 else ("lookup" if entry.encoding == "kmeans" else "dequantize")
-        if kernel not in kernels:
-            kernel = "lookup" if entry.encoding == "kmeans" else "dequantize"
+        kernel = choose_kernel(entry, kinds.pop() if len(kinds) == 1 else "mixed", device, kernels)
         indices = decode_indices(entry, reader.read_payload(stored), device)
         packed = PackedWeight(entry, indices, device, kernel)
         if kernel == "int4mm" and not torch.equal(packed.indices(), indices.to(torch.uint8)):

@@ -61,27 +61,41 @@ def _assert_state_equal(path, packed):
         assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
 
 
-# options -> the paths the two linear layers must take
+# options -> the paths the two linear layers take with numba, and without
 PATHS = [
-    (dict(bits=8, granularity="channel"), "int8mm"),
-    (dict(bits=6, granularity="tensor"), "int8mm"),
-    (dict(bits=4, granularity="channel"), "int4mm"),
-    (dict(bits=3, granularity="group:32"), "int4mm"),
-    (dict(bits=4, granularity="group:64", rans="always"), "int4mm"),
-    (dict(bits=4, method="kmeans"), "lookup"),
-    (dict(bits=7, method="kmeans", granularity="channel"), "lookup"),
-    (dict(bits=8, granularity="group:16"), "dequantize"),
-    (dict(bits=2, granularity="group:16"), "dequantize"),
+    (dict(bits=8, granularity="channel"), "int8mm", "int8mm"),
+    (dict(bits=6, granularity="tensor"), "int8mm", "int8mm"),
+    (dict(bits=4, granularity="channel"), "fused", "int4mm"),
+    (dict(bits=3, granularity="group:32"), "fused", "int4mm"),
+    (dict(bits=4, granularity="group:64", rans="always"), "fused", "int4mm"),
+    (dict(bits=4, method="kmeans"), "fused", "lookup"),
+    (dict(bits=7, method="kmeans", granularity="channel"), "fused", "lookup"),
+    (dict(bits=8, granularity="group:16"), "fused", "dequantize"),
+    (dict(bits=2, granularity="group:16"), "fused", "dequantize"),
+    (dict(bits=5, granularity="group:48"), "fused", "dequantize"),  # groups straddle rows
+    (dict(bits=3, method="kmeans", granularity="group:96"), "fused", "lookup"),
 ]
 
 
-@pytest.mark.parametrize("options,path_taken", PATHS)
-def test_each_path_matches_the_dequantized_model(tmp_path, options, path_taken):
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("options,with_numba,without", PATHS)
+def test_each_path_matches_the_dequantized_model(tmp_path, monkeypatch, options, with_numba, without, fused):
+    if fused:
+        pytest.importorskip("numba", reason="the fused kernels need numba (the fast and dev extras)")
+    monkeypatch.setattr(qpack.packed, "FUSED", fused)
     path, reference, packed = _models(tmp_path, Net, **options)
     assert isinstance(packed.up, PackedLinear) and isinstance(packed.emb, PackedEmbedding)
-    assert packed.up.kernel == packed.down.kernel == path_taken
-    assert not isinstance(packed.norm.weight, type(None)) and isinstance(packed.norm, nn.LayerNorm)
-    _assert_same_outputs(reference, packed, _inputs(torch.Generator().manual_seed(1)))
+    assert packed.up.kernel == packed.down.kernel == (with_numba if fused else without)
+    assert isinstance(packed.norm, nn.LayerNorm)
+    gen = torch.Generator().manual_seed(1)
+    _assert_same_outputs(reference, packed, _inputs(gen))
+    # more rows than the kernels take: the weight is rebuilt
+    _assert_same_outputs(reference, packed, (torch.randint(0, 40, (9, 10), generator=gen), *_inputs(gen)[1:]))
+    with torch.no_grad():  # 3 rows: the fused or PyTorch kernels; bf16: the PyTorch kernels
+        x = torch.randn(3, 64, generator=gen)
+        torch.testing.assert_close(packed.up(x), reference.up(x), rtol=1e-5, atol=2e-5)
+        if packed.up.kernel in ("int8mm", "int4mm"):
+            torch.testing.assert_close(packed.up(x.bfloat16()).float(), reference.up(x), rtol=5e-2, atol=5e-2)
     _assert_state_equal(path, packed)
 
 
@@ -195,7 +209,7 @@ def test_int4_layout_inverse():
         assert torch.equal(_int4unpack(operand, n, k), q.reshape(-1).to(torch.uint8))
 
 
-def test_fused_kernel_batches(monkeypatch):
+def test_fused_int8_kernel_batches():
     pytest.importorskip("numba", reason="the fused kernel needs numba (the fast and dev extras)")
     from qpack import _fused
 
@@ -224,7 +238,7 @@ def test_input_gradients_take_the_dequantize_path(tmp_path):
 
 
 def test_kernels_listed():
-    assert set(KERNELS) == {"int8mm", "int4mm", "lookup", "dequantize"}
+    assert set(KERNELS) == {"int8mm", "int4mm", "fused", "lookup", "dequantize"}
 
 
 @pytest.mark.cuda
@@ -236,7 +250,7 @@ def test_packed_on_cuda_matches_cpu(tmp_path, options):
     torch.manual_seed(0)
     packed = Net().cuda()
     qpack.load_into(packed, path, packed=True)
-    assert set(summary(packed)) <= {"dequantize", "lookup"}
+    assert set(summary(packed)) <= {"dequantize", "lookup"}  # the kernels are CPU-only
     inputs = _inputs(torch.Generator().manual_seed(1))
     with torch.no_grad():
         for want, got in zip(reference(*inputs), packed(*(x.cuda() for x in inputs))):
