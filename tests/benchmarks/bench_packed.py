@@ -199,36 +199,42 @@ def main() -> int:
         net = nn.Sequential(nn.Linear(n, n, bias=False))
         qpack.load_into(net, path, packed=True)
         loaded[label] = (path, net)
+
+    def forced(label: str, kernel: str) -> nn.Module:
+        net = nn.Sequential(nn.Linear(n, n, bias=False))
+        with QpkReader(loaded[label][0]) as reader:
+            packed_mod.pack_modules(net, reader, torch.device("cpu"), kernels=(kernel,))
+        assert net[0].kernel == kernel, (label, kernel, net[0].kernel)
+        return net
+
     path8, net8 = loaded["8-bit uniform, per channel"]
+    net4, netk = loaded["4-bit uniform, per channel"][1], loaded["4-bit k-means, per tensor"][1]
     weight8 = qpack.load(path8)["0.weight"]
     s8, scales8 = net8[0].packed.container, net8[0].packed.scales
-    forced = nn.Sequential(nn.Linear(n, n, bias=False))
-    with QpkReader(path8) as reader:
-        packed_mod.pack_modules(forced, reader, torch.device("cpu"), kernels=("dequantize",))
+    rebuild8 = forced("8-bit uniform, per channel", "dequantize")
+    int4 = forced("4-bit uniform, per channel", "int4mm")
+    rebuild4 = forced("4-bit uniform, per channel", "dequantize")
+    lookup = forced("4-bit k-means, per tensor", "lookup")
     print(f"\none {n} x {n} linear, median ms of {args.repeats * 2} ({args.threads} threads)")
     print(f"{'path':52} {'batch 1':>9} {'batch 32':>9} {'x fp32 (b1)':>11}")
     for batch in (1, 32):
         x = torch.randn(batch, n)
         xb = x.bfloat16()
         scalesb = scales8.bfloat16()
-
-        def int8mm_packed(x=x):
-            packed_mod.FUSED = False
-            try:
-                return net8(x)
-            finally:
-                packed_mod.FUSED = True
-
         fns = {"fp32 F.linear": lambda x=x: nn.functional.linear(x, weight8),
                "torch._weight_int8pack_mm, fp32 activations": lambda x=x: torch._weight_int8pack_mm(x, s8, scales8),
                "torch._weight_int8pack_mm, bf16 activations": lambda: torch._weight_int8pack_mm(xb, s8, scalesb),
-               "packed 8-bit: fused kernel (numba)": lambda x=x: net8(x),
-               "packed 8-bit: int8pack_mm + min term": int8mm_packed,
-               "packed 8-bit: dequantize, then F.linear": lambda x=x: forced(x),
-               "packed 4-bit: int4pack_mm": lambda x=x: loaded["4-bit uniform, per channel"][1](x),
-               "packed 4-bit k-means: lookup, then F.linear": lambda x=x: loaded["4-bit k-means, per tensor"][1](x)}
+               "packed 8-bit: fused int8 kernel (numba)": lambda x=x: net8(x),
+               "packed 8-bit: int8pack_mm + min term": lambda x=x: net8[0]._torch_kernel(x),
+               "packed 8-bit: rebuild, then F.linear": lambda x=x: rebuild8(x),
+               "packed 4-bit: fused row-rebuild kernel (numba)": lambda x=x: net4(x),
+               "packed 4-bit: int4pack_mm": lambda x=x: int4[0]._torch_kernel(x),
+               "packed 4-bit: rebuild, then F.linear": lambda x=x: rebuild4(x),
+               "packed 4-bit k-means: fused (numba)": lambda x=x: netk(x),
+               "packed 4-bit k-means: lookup, then F.linear": lambda x=x: lookup(x)}
         if packed_mod.fused_rows() < batch:
-            fns.pop("packed 8-bit: fused kernel (numba)")
+            for name in [k for k in fns if "numba" in k]:
+                fns.pop(name)
         with torch.no_grad():
             times = interleaved_best(fns, args.repeats * 2)
         for name, runs in times.items():
