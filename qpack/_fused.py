@@ -20,13 +20,19 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-__all__ = ["int8_matmul", "decode_matmul", "MAX_ROWS"]
+__all__ = ["int8_matmul", "decode_matmul", "MAX_ROWS", "THREADS"]
 
 #: batch rows up to which the fused kernel is used; above, the weight is rebuilt and the BLAS
 #: matmul (blocked for cache reuse) wins
 MAX_ROWS = 64
 
 _BLOCK = 16  # output rows per parallel task: one float buffer per task, not per row
+
+#: numba threads per call. numba's pool is not torch's: on this 2-core machine both pools
+#: spinning on the same cores made a 2-thread kernel slower than a 1-thread one (10.7 ms
+#: against 28 ms for 4096 x 4096 at batch 1, fp32 F.linear 20 ms); raise it where the
+#: cores are idle
+THREADS = 1
 
 
 @njit(parallel=True, fastmath=True, boundscheck=False, error_model="numpy", cache=True)
@@ -61,7 +67,7 @@ def int8_matmul(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, offset: t
     """``x @ (scale[:, None] * s + offset[:, None]).T`` for float32 ``x`` (M, K) and int8 ``s``
     (N, K), all on the CPU, without building the float weight."""
     out = torch.empty(x.shape[0], s.shape[0], dtype=torch.float32)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(THREADS, numba.config.NUMBA_NUM_THREADS)))
     _matmul(x.numpy(), s.numpy(), scale.numpy(), offset.numpy(), out.numpy())
     return out
 
@@ -121,6 +127,6 @@ def decode_matmul(x: torch.Tensor, container: torch.Tensor, nibbles: bool, shape
         book, width, lows, steps = empty, 0, lo.numpy(), step.numpy()
     else:
         book, width, lows, steps = codebook.reshape(-1).numpy(), codebook.shape[1], empty, empty
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(THREADS, numba.config.NUMBA_NUM_THREADS)))
     _decode_matmul(x.numpy(), container.numpy(), nibbles, outputs, group, lows, steps, book, width, out.numpy())
     return out
