@@ -202,9 +202,11 @@ class PackedLinear(_PackedLayer):
         packed = self.packed
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         # the kernels have no backward: a graph through the input takes the rebuilding path
-        if packed.kernel in ("int8mm", "int4mm", "fused") and not (x.requires_grad and torch.is_grad_enabled()):
+        # (and a model moved off the CPU after loading rebuilds: the kernels are CPU ones)
+        if (packed.kernel in ("int8mm", "int4mm", "fused") and packed.container.device.type == "cpu"
+                and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())):
             flat = x.reshape(-1, x.shape[-1])
-            small = flat.dtype == torch.float32 and rows <= fused_rows() and flat.device.type == "cpu"
+            small = flat.dtype == torch.float32 and rows <= fused_rows()
             y = None
             if packed.kernel == "fused" and small:
                 y = packed.fused_matmul(flat.contiguous())
