@@ -12,7 +12,9 @@ byte-aligned container, decoded once from the stored (bit-packed or rANS-coded) 
   ``torch._weight_int8pack_mm`` (uniform, per tensor or channel, 5 to 8 bits, linear layers
   on the CPU);
 - ``int4pack``: the operand of ``torch._weight_int4pack_mm_for_cpu`` (uniform, at most
-  4 bits, linear layers on the CPU whose shape the kernel takes),
+  4 bits, linear layers on the CPU whose shape the kernel takes, when numba is missing),
+
+(bytes and nibbles also feed the fused numba kernels of ``qpack._fused``: see PackedLinear)
 
 plus the tensor's parameters (min and step, or codebooks). ``forward`` rebuilds the weight of
 that one layer when it needs it (or hands the indices to a kernel that does), so at most one
