@@ -285,15 +285,34 @@ def _collect(names: list[str], tensors: Iterable[torch.Tensor], progress: Progre
     return state
 
 
-def load_into(module: torch.nn.Module, path: str | os.PathLike[str], strict: bool = True) -> Any:
+def load_into(module: torch.nn.Module, path: str | os.PathLike[str], strict: bool = True, *,
+              packed: bool = False) -> Any:
     """Load a .qpk file into a module's parameters and buffers (on the module's device).
+
+    Args:
+        module: the model.
+        path: the .qpk file.
+        strict: as for ``load_state_dict``: every key must match.
+        packed: keep quantized weights packed (qpack.packed): each ``nn.Linear``,
+            ``nn.Conv1d/2d/3d``, ``nn.Embedding`` and transformers ``Conv1D`` whose weight
+            the file stores at 8 bits or fewer is replaced by a layer that holds the indices
+            (one byte, or half a byte, each) and rebuilds its weight inside ``forward``, or
+            runs a quantized matmul kernel. Everything else loads as usual. The model's
+            ``state_dict()`` still holds the rebuilt weights, equal to ``qpack.load``'s.
 
     Returns:
         What ``module.load_state_dict`` returns (missing and unexpected keys).
     """
     first = next(iter(module.state_dict().values()), None)
     device = first.device if first is not None else torch.device("cpu")
-    return module.load_state_dict(load(path, device), strict=strict)
+    if not packed:
+        return module.load_state_dict(load(path, device), strict=strict)
+    from .packed import pack_modules
+
+    with QpkReader(path) as reader:
+        done = pack_modules(module, reader, device)  # one tensor decoded at a time
+        rest = {name: reader.tensor(name, device) for name in reader.keys() if name not in done}
+    return module.load_state_dict(rest, strict=strict)
 
 
 def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: bool = False,

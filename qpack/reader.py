@@ -35,7 +35,8 @@ from .format import (
     preamble_version,
 )
 
-__all__ = ["QpkReader", "decode_payload", "decode_indices", "MaxBytes"]
+__all__ = ["QpkReader", "decode_payload", "decode_indices", "check_indices", "dequantize_indices", "params_on",
+           "MaxBytes"]
 
 #: a reader's bound on decoded bytes (spec R23): "auto" for the spec's default (256x the file
 #: size, at least 16 MiB), a number of bytes, or None for no bound
@@ -186,7 +187,8 @@ class QpkReader:
                 # the decoded indices go straight to dequantization: packing them only to unpack
                 # them again took more time than the decoding
                 indices = _rans_indices(entry, self._read_stored(entry), None if device.type == "cpu" else device)
-                return decode_indices(entry, indices, device)
+                check_indices(entry, indices)
+                return dequantize_indices(entry, indices, device)
             # only raw tensors can be views of their payload; the other decoders build new tensors
             return decode_payload(entry, self._read_payload(name, writable=entry.encoding == "raw"), device)
 
@@ -339,8 +341,10 @@ def _pack_indices(entry: TensorEntry, indices: torch.Tensor) -> torch.Tensor:
     return pack_bits(indices, entry.width)
 
 
-def _params_on(entry: TensorEntry, device: torch.device | str) -> dict[str, torch.Tensor]:
-    # float16 parameters become float32 exactly before any arithmetic (spec 3)
+def params_on(entry: TensorEntry, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A quantized tensor's parameters as float32 tensors on ``device``: ``min`` and ``max``
+    (C values each) or ``codebook`` (C x K). float16 and uint8 parameters become float32
+    exactly before any arithmetic (spec 3)."""
     if entry.encoding == "uniform":
         lo = torch.from_numpy(param_values(entry, "min"))
         hi = torch.from_numpy(param_values(entry, "max"))
@@ -364,27 +368,41 @@ def decode_payload(entry: TensorEntry, payload: torch.Tensor, device: str | torc
         if dtype == torch.bool and payload.numel() and int(payload.max()) > 1:
             raise FormatError("R20", f"tensor {entry.name!r}: bool bytes must be 0 or 1")
         return tensor.to(device)
+    return dequantize_indices(entry, decode_indices(entry, payload, device), device)
+
+
+def decode_indices(entry: TensorEntry, payload: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The flat indices of a quantized tensor's payload, unpacked on ``device`` and checked (R20).
+
+    Returns the narrowest integer type that holds them (see ``unpack_bits``).
+    """
     used_bits = entry.numel * entry.width % 8
     if used_bits and int(payload[-1]) >> used_bits:
         raise FormatError("R20", f"tensor {entry.name!r}: unused bits of the last payload byte are not zero")
-    return decode_indices(entry, unpack_bits(payload.to(device, non_blocking=True), entry.width, entry.numel), device)
+    indices = unpack_bits(payload.to(device, non_blocking=True), entry.width, entry.numel)
+    check_indices(entry, indices)
+    return indices
 
 
-def decode_indices(entry: TensorEntry, indices: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Turn a quantized tensor's indices (1-D, on ``device``) into the tensor: the part of
-    :func:`decode_payload` after unpacking.
+def check_indices(entry: TensorEntry, indices: torch.Tensor) -> None:
+    """R20: every index below the codebook's size or 2^bits.
 
     Raises:
-        FormatError: an index past the codebook or the grid (R20).
+        FormatError: an index past the codebook or the grid.
     """
-    dtype = dtype_from_name(entry.dtype)
     limit = entry.params["codebook_size"] if entry.encoding == "kmeans" else 1 << entry.bits
     if limit < 1 << entry.width and int(indices.max()) >= limit:
         what = f"the {limit}-entry codebook" if entry.encoding == "kmeans" else f"{entry.bits} bits"
         raise FormatError("R20", f"tensor {entry.name!r}: an index does not fit {what}")
+
+
+def dequantize_indices(entry: TensorEntry, indices: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Turn a quantized tensor's checked indices (1-D, on ``device``) into the tensor: the part
+    of :func:`decode_payload` after unpacking."""
     codec = codecs.QUANTIZERS[entry.encoding]
     row_length = entry.group_size or None
-    return codec.dequantize(indices, _params_on(entry, device), entry.bits, entry.shape, dtype, row_length)
+    return codec.dequantize(indices, params_on(entry, device), entry.bits, entry.shape,
+                            dtype_from_name(entry.dtype), row_length)
 
 
 # -- checking a large payload in pieces (QpkReader.check) -----------------------------------------

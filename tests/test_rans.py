@@ -404,7 +404,7 @@ def test_reader_device_path_decodes_with_torch_bit_identical(tmp_path, skewed_we
         on_cpu = reader_module._rans_indices(entry, stored, None)
         assert on_device.dtype == on_cpu.dtype and torch.equal(on_device, on_cpu)
         assert torch.equal(reader_module._pack_indices(entry, on_device), reader.read_payload("fc.weight"))
-        assert torch.equal(reader_module.decode_indices(entry, on_device), reader.tensor("fc.weight"))
+        assert torch.equal(reader_module.dequantize_indices(entry, on_device), reader.tensor("fc.weight"))
         with pytest.raises(FormatError, match="rANS payload is corrupted"):
             reader_module._rans_indices(entry, stored[:-2], torch.device("cpu"))
 

@@ -17,7 +17,8 @@ import torch
 from .lookup import lookup, worth_a_table
 from .rows import as_rows, from_rows
 
-__all__ = ["choose_params", "quantize", "dequantize", "step_of", "as_float16", "as_uint8", "from_uint8"]
+__all__ = ["choose_params", "quantize", "dequantize", "dequantize_with_step", "step_of", "as_float16", "as_uint8",
+           "from_uint8"]
 
 #: float16 parameters are used only when rounding them widens the grids' spans (root mean
 #: square over rows) by at most this share
@@ -234,15 +235,26 @@ def quantize(values: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
 def dequantize(indices: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
                shape: tuple[int, ...], dtype: torch.dtype, row_length: int | None = None) -> torch.Tensor:
     """Rebuild the tensor from its indices on the indices' device (two roundings, no FMA)."""
-    lo, hi = params["min"], params["max"]
-    step = step_of(lo, hi, bits)
-    count = indices.numel()
+    lo = params["min"]
+    step = step_of(lo, params["max"], bits)
     rows = lo.numel()
     if worth_a_table(indices, rows, 1 << bits):
         # the same two roundings on every level of every row, then one lookup per element
         levels = torch.arange(1 << bits, dtype=torch.float32)[None, :].mul(step.reshape(-1, 1)).add_(lo.reshape(-1, 1))
-        row_length = row_length or -(-count // rows)
+        row_length = row_length or -(-indices.numel() // rows)
         return lookup(indices, levels, row_length).reshape(shape).to(dtype)
+    return dequantize_with_step(indices, lo, step, shape, dtype, row_length)
+
+
+def dequantize_with_step(indices: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
+                         shape: tuple[int, ...], dtype: torch.dtype,
+                         row_length: int | None = None) -> torch.Tensor:
+    """``dequantize`` with the step (``step_of``) computed beforehand: the same roundings.
+
+    For callers that rebuild one tensor many times (qpack.packed), so the step is divided
+    once and never crosses back to the CPU.
+    """
+    count = indices.numel()
     if lo.numel() == 1 and indices.device.type == "cpu" and count > _CACHE_BLOCK:
         values = _dequantize_cached(indices.reshape(-1), lo.reshape(()), step.reshape(()))
         return values.reshape(shape).to(dtype)
