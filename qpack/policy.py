@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -12,13 +13,16 @@ from .dtypes import is_float_name, name_of_dtype
 from .errors import InputError
 from .prune import check_fraction
 
-__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "parse_granularity", "granularity_for"]
+__all__ = ["Policy", "Decision", "METHODS", "DEFAULT_MIN_SNR_DB", "GRANULARITIES", "parse_granularity", "granularity_for"]
 
 METHODS = ("uniform", "kmeans")
 RANS_MODES = ("auto", "always", "never")
 GRANULARITIES = ("tensor", "channel", "group:G")
 MIN_GROUP, MAX_GROUP = 16, 65536
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+#: the allocation's default quality floor: 15 dB SNR is a relative RMS error of 0.178; below
+#: it a layer's output is mostly noise (trained MNIST networks broke at rel 0.4-0.8)
+DEFAULT_MIN_SNR_DB = 15.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,11 @@ class Policy:
             also quantizes 1-D or small float tensors it matches.
         min_numel: float tensors with fewer elements stay raw (their parameters would cost
             more than they save).
+        min_snr_db: the quality floor of an allocation (``target_bpw``, ``max_error``): no
+            quantized tensor is given a candidate below this SNR (10 log10 of signal over
+            error energy; 15 dB by default, None for none); a target met only below it is
+            refused with the smallest target met above it.
+        allow_below_floor: let an allocation choose candidates below ``min_snr_db``.
         prune: zero this fraction of smallest-magnitude weights in each quantized tensor
             (zero is then an exact level of its grid or codebook).
         exact_zero: give every grid or codebook an exact 0 level, as pruning does, without
@@ -80,8 +89,14 @@ class Policy:
     bits_by_name: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     #: exact tensor names -> granularity ("tensor", "channel", "group:G"), chosen the same way
     granularity_by_name: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: exact tensor names -> method ("uniform", "kmeans"), chosen the same way
+    method_by_name: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     #: the option that chose ``bits_by_name`` ("--max-error 0.01"), named in each tensor's reason
     allocation: str = ""
+    #: the quality floor of --target-bpw and --max-error, in dB SNR per quantized tensor (None: none)
+    min_snr_db: float | None = DEFAULT_MIN_SNR_DB
+    #: let the allocation go below ``min_snr_db`` (it is then only reported)
+    allow_below_floor: bool = False
 
     def __post_init__(self) -> None:
         if self.prune is not None:
@@ -97,6 +112,12 @@ class Policy:
             parse_granularity(text)
         if self.rans not in RANS_MODES:
             raise InputError(f"unknown rans mode {self.rans!r}; choose one of {', '.join(RANS_MODES)}")
+        if self.min_snr_db is not None and (isinstance(self.min_snr_db, bool) or not isinstance(
+                self.min_snr_db, (int, float)) or not math.isfinite(self.min_snr_db)):
+            raise InputError(f"min_snr_db (--min-snr) must be a finite number of dB, got {self.min_snr_db!r}")
+        for _, method in self.method_by_name:
+            if method not in METHODS:
+                raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if not isinstance(self.min_numel, int) or self.min_numel < 1:
             raise InputError(f"min_numel must be a positive integer, got {self.min_numel!r}")
 
@@ -106,12 +127,15 @@ class Policy:
         if decision.encoding == "raw":
             return decision
         decision = replace(decision, exact_zero=self.exact_zero, rans=self.rans)  # codec options, for every quantized tensor
-        bits, granularity = self._allocated[0].get(name), self._allocated[1].get(name)
-        if bits is None and granularity is None:
+        bits, granularity, method = (chosen.get(name) for chosen in self._allocated)
+        if bits is None and granularity is None and method is None:
             return decision
         chose = []
+        if method is not None and method != decision.encoding:
+            decision, chose = replace(decision, encoding=method), [method]
         if bits is not None:
-            decision, chose = replace(decision, bits=bits), [f"{bits} bits"]
+            decision = replace(decision, bits=bits)
+            chose.append(f"{bits} bits")
         if granularity is not None:
             kind, group_size = granularity_for(granularity, tensor)
             decision = replace(decision, granularity=kind, group_size=group_size)
@@ -119,9 +143,9 @@ class Policy:
         return replace(decision, reason=f"{decision.reason}; {self.allocation or 'allocation'} chose {', '.join(chose)}")
 
     @functools.cached_property
-    def _allocated(self) -> tuple[dict[str, int], dict[str, str]]:
+    def _allocated(self) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
         # built once, not per tensor: a checkpoint may hold thousands of names
-        return dict(self.bits_by_name), dict(self.granularity_by_name)
+        return dict(self.bits_by_name), dict(self.granularity_by_name), dict(self.method_by_name)
 
     def _decide(self, name: str, tensor: torch.Tensor) -> Decision:
         dtype_name = name_of_dtype(tensor.dtype)

@@ -35,7 +35,7 @@ from .format import (
     version_for,
 )
 
-__all__ = ["QpkWriter", "atomic_output"]
+__all__ = ["QpkWriter", "atomic_output", "planned_file_bytes"]
 
 _ZEROS = bytes(64)
 _COPY_CHUNK = 16 * 1024 * 1024
@@ -113,7 +113,7 @@ class QpkWriter:
         """
         if self._spool.closed:
             raise ValueError("this QpkWriter is closed")
-        header = build_header(self.entries, self.metadata)
+        header = _header_bytes(self.entries, self.metadata)
         if len(header) > DEFAULT_LIMITS.max_header_bytes:
             raise InputError(f"the header would be {len(header)} bytes, more than a .qpk file allows "
                              f"({DEFAULT_LIMITS.max_header_bytes}); too many tensors or metadata")
@@ -141,6 +141,22 @@ class QpkWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _header_bytes(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
+    """The header ``finish`` writes (what ``planned_file_bytes`` sizes: keep the two one)."""
+    return build_header(entries, metadata)
+
+
+def planned_file_bytes(entries: list[TensorEntry], metadata: dict[str, str]) -> int:
+    """The size of the file ``finish`` would write for these entries (offsets, lengths and
+    crc32 filled, payloads laid out as ``add`` lays them out) and this metadata.
+
+    The allocation plans with it, so that every byte of the header, of the alignment and of
+    the lossless tensors is counted as the writer counts it.
+    """
+    end = entries[-1].offset + entries[-1].length if entries else 0
+    return align(PREAMBLE_SIZE + len(_header_bytes(entries, metadata))) + end
 
 
 def check_output_path(path: Path, overwrite: bool) -> None:
