@@ -284,7 +284,8 @@ def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: M
     for name, tensor in tensors.items():
         elements += tensor.numel()
         decision = policy.decide(name, tensor)
-        found = None if decision.encoding == "raw" else _trials(name, tensor, decision, granularities)
+        found = None if decision.encoding == "raw" else _trials(name, tensor, decision,
+                                                               _candidates(policy, granularities))
         if found is None:
             entry, stored, _ = encode_tensor(name, tensor, decision)
             entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
@@ -298,39 +299,48 @@ def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: M
     return _Measured(trials, weights, entries, elements)
 
 
+def _candidates(policy: Policy, granularities: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(method, granularity) pairs tried: the policy's method at each granularity, and for a
+    uniform policy also a k-means codebook per tensor, so that every fixed ``-b B``,
+    ``-b B -m kmeans`` setting is among the whole-model choices the solver starts from."""
+    pairs = [(policy.method, text) for text in granularities]
+    if policy.method == "uniform":
+        pairs.append(("kmeans", "tensor"))
+    return tuple(dict.fromkeys(pairs))
+
+
 def _trials(name: str, tensor: torch.Tensor, decision: Decision,
-            granularities: tuple[str, ...]) -> list[tuple[_Trial, float]] | None:
-    """(trial, rel_rms) per (granularity, width) candidate; None if the tensor is stored raw
-    whatever they are (it holds NaN or Inf). Payloads are not kept, so memory stays one encode's.
+            candidates: tuple[tuple[str, str], ...]) -> list[tuple[_Trial, float]] | None:
+    """(trial, rel_rms) per (candidate, width); None if the tensor is stored raw whatever they
+    are (it holds NaN or Inf). Payloads are not kept, so memory stays one encode's.
 
     A candidate whose parameters alone would outweigh its packed indices (per-channel 256-entry
     codebooks on short rows, say) is not encoded: it costs more than twice what its indices do,
-    and fitting it is the slowest trial there is. Its column repeats the previous granularity's
+    and fitting it is the slowest trial there is. Its column repeats the previous candidate's
     trial at the same width, so every tensor keeps one column per candidate.
     """
-    encoded: dict[tuple[int, str], tuple[_Trial, float]] = {}
+    encoded: dict[tuple[int, str, str], tuple[_Trial, float]] = {}
     found: list[tuple[_Trial, float]] = []
-    for text in granularities:
+    for method, text in candidates:
         kind, group_size = granularity_for(text, tensor)
         label = f"group:{group_size}" if group_size else kind
         rows = parameter_rows(tuple(tensor.shape), kind, group_size)
         for bits in CANDIDATE_BITS:
-            if (bits, label) not in encoded:  # a fallback repeats a trial: encode it once
-                heavy = rows * _PARAMS_PER_ROW[decision.encoding](bits) * 4 > tensor.numel() * bits / 8
+            if (bits, label, method) not in encoded:  # a fallback repeats a trial: encode it once
+                heavy = rows * _PARAMS_PER_ROW[method](bits) * 4 > tensor.numel() * bits / 8
                 if heavy and len(found) >= len(CANDIDATE_BITS):
-                    found.append(found[-len(CANDIDATE_BITS)])  # the previous granularity, same width
+                    found.append(found[-len(CANDIDATE_BITS)])  # the previous candidate, same width
                     continue
                 entry, stored, row = encode_tensor(name, tensor, replace(
-                    decision, bits=bits, granularity=kind, group_size=group_size))
+                    decision, encoding=method, bits=bits, granularity=kind, group_size=group_size))
                 if entry.encoding == "raw":
                     return None
                 entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
                 rel = row.rel_rms or 0.0
                 snr = -20 * math.log10(rel) if rel > 0 else math.inf
-                trial = _Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0,
-                               decision.encoding, snr, entry)
-                encoded[bits, label] = (trial, rel)
-            found.append(encoded[bits, label])
+                trial = _Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0, method, snr, entry)
+                encoded[bits, label, method] = (trial, rel)
+            found.append(encoded[bits, label, method])
     return found
 
 

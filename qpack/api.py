@@ -126,17 +126,19 @@ def pack(
             over zstd, "always" when it saves anything, "never" (version-1 files that load
             at unpacking speed; rANS decodes at 20-140 M indices/s per core, more for larger
             tensors).
-        target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused)
-            and granularity (see ``allocate_granularity``) so that the file has at most this
-            many bits per weight, with the least total relative error (qpack.allocate). Each
-            tensor is encoded at every candidate first.
-        max_error: instead of ``target_bpw``, choose each quantized tensor's bits (1 to 8)
-            and granularity for the smallest file whose overall relative RMS error is at most this:
-            ``sqrt(sum_t s_t n_t rel_t^2 / sum_t s_t n_t)`` over the quantized tensors, with
-            ``rel_t`` a tensor's ``rel_rms``, ``n_t`` its element count and ``s_t`` its
-            sensitivity.
-        sensitivity: with ``target_bpw`` or ``max_error``, ``{name: weight}`` scaling each
-            tensor's error, e.g. from :func:`qpack.measure_sensitivity`; 1 for names it lacks.
+        target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused),
+            granularity (see ``allocate_granularity``) and method (``method``, and k-means per
+            tensor) so that the whole file has at most this many bits per weight, with the
+            least predicted error: relative errors squared, summed per layer, the first and
+            last layers weighted more (qpack.allocate), no tensor below the quality floor
+            (``min_snr_db``). Each tensor is encoded at every candidate first.
+        max_error: instead of ``target_bpw``, the smallest file whose predicted error,
+            ``sqrt(sum_t w_t rel_t^2 / sum_t w_t)`` over the quantized tensors (``rel_t`` a
+            tensor's ``rel_rms``, ``w_t`` its weight in the objective), is at most this.
+        sensitivity: with ``target_bpw`` or ``max_error``, ``{name: weight}`` from
+            :func:`qpack.measure_sensitivity` (or ``qpack.sensitivity.load_sensitivity``):
+            the objective then weighs each tensor's rel^2 by numel * weight (1 for names it
+            lacks) instead of per layer.
         allocate_granularity: with ``target_bpw`` or ``max_error``, the granularities tried
             for each tensor ("tensor,channel,group:64" or a list of those); by default
             ``granularity``, "channel" (uniform only: per-row k-means fits are slow) and

@@ -258,7 +258,7 @@ def test_channel_where_it_pays_and_never_worse_than_one_choice_for_all(tmp_path,
 def test_granularity_round_trips_through_the_command_line(tmp_path):
     torch.save(granular_state(), tmp_path / "model.pt")
     run("pack", "model.pt", "--target-bpw", "3", "--allocate-granularity", "tensor, channel,group:64",
-        "-o", "t.qpk", cwd=tmp_path)
+        "--allow-below-floor", "-o", "t.qpk", cwd=tmp_path)
     doc = json.loads(run("info", "t.qpk", "--json", cwd=tmp_path).stdout)
     options = json.loads(doc["metadata"]["qpack.options"])
     assert options["allocate_granularity"] == ["tensor", "channel", "group:64"]
@@ -297,4 +297,139 @@ def test_bad_allocate_granularity_is_a_one_line_usage_error(tmp_path, capsys, ar
     code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "t.qpk"), *args])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "t.qpk").exists()
+
+
+# -- the objective, the quality floor and the budget ----------------------------------------------
+
+def lenet_like():
+    """A small first layer (150 weights) and a small last one (840) around a big middle, like LeNet-5."""
+    gen = torch.Generator().manual_seed(11)
+    return {"c1.weight": torch.randn(6, 1, 5, 5, generator=gen) * 0.3, "c1.bias": torch.zeros(6),
+            "c5.weight": torch.randn(120, 400, generator=gen) * 0.05,
+            "f6.weight": torch.randn(84, 120, generator=gen) * 0.1,
+            "out.weight": torch.randn(10, 84, generator=gen) * 0.2}
+
+
+def test_small_input_and_output_layers_are_not_sacrificed(tmp_path):
+    # summing numel * rel^2 gave such layers 2 bits at rel 0.4-0.6 (a broken model): per layer,
+    # their bits are cheap, so they end up at least as accurate as the big layer
+    state = lenet_like()
+    report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=4.0)
+    rel = {r.name: r.rel_rms for r in report.tensors if r.encoding != "raw"}
+    assert bits_per_weight(report, state) <= 4.0
+    assert max(rel["c1.weight"], rel["out.weight"]) < rel["c5.weight"] / 2, rel
+    assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= 15.0
+
+
+def test_the_plan_is_the_file(tmp_path):
+    """The budget counts the header, alignment and lossless tensors as the writer writes them:
+    what the allocation planned (fixed bytes + the quantized tensors') is the file's size."""
+    import re
+
+    state = lenet_like()
+    elements = sum(t.numel() for t in state.values())
+    for target in (4.0, 5.5):
+        report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target, force=True)
+        note = next(n for n in report.notes if n.startswith("budget:"))
+        budget, fixed, left, used = (int(x.replace(",", "")) for x in re.findall(r"[\d,]{2,}", note))
+        assert budget == int(target * elements / 8) and left == budget - fixed
+        assert fixed + used == report.file_bytes <= budget
+
+
+def test_a_target_met_only_below_the_floor_is_refused(tmp_path, capsys):
+    from qpack import cli
+
+    state = lenet_like()
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(qpack.InputError, match=r"below the quality floor of 15 dB SNR; the smallest target "
+                                               r"that keeps every one above it is (\d+\.\d\d) bits per weight"):
+        qpack.pack(state, tmp_path / "t.qpk", target_bpw=1.5)
+    assert not (tmp_path / "t.qpk").exists()
+    code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "t.qpk"), "--target-bpw", "1.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "t.qpk").exists(), err
+    feasible = float(err.split("above it is ")[1].split()[0])
+    assert 1.5 < feasible < 8
+    # the target it names is met, above the floor
+    report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=feasible)
+    assert bits_per_weight(report, state) <= feasible
+    assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= 15.0
+    # an explicit flag goes below it (and says so); a lower floor moves the limit
+    below = qpack.pack(state, tmp_path / "b.qpk", target_bpw=1.5, allow_below_floor=True)
+    assert below.allocation["below_floor"] and any(n.startswith("below the quality floor") for n in below.notes)
+    assert cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "c.qpk"), "--target-bpw",
+                     str(feasible - 0.3), "--min-snr", "5", "-q"]) == 0
+    assert qpack.info(tmp_path / "c.qpk").allocation["min_snr_db"] == 5.0
+    with pytest.raises(qpack.InputError, match="min_snr_db"):
+        qpack.pack(state, tmp_path / "d.qpk", target_bpw=4.0, min_snr_db=float("nan"))
+    with pytest.raises(qpack.InputError, match="unknown packing option 'min_snr'"):
+        qpack.pack(state, tmp_path / "d.qpk", target_bpw=4.0, min_snr=3)
+
+
+def test_sensitivity_file_from_the_api_to_the_command_line(tmp_path, capsys):
+    from qpack import cli
+    from qpack.sensitivity import load_sensitivity
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    batches = [(torch.randn(16, 20), torch.randint(0, 4, (16,))) for _ in range(3)]
+    weights = qpack.measure_sensitivity(model, batches, torch.nn.functional.cross_entropy,
+                                        path=tmp_path / "s.json")
+    assert load_sensitivity(tmp_path / "s.json") == pytest.approx(weights)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "t.qpk"), "--max-error", "0.05",
+                     "--sensitivity", str(tmp_path / "s.json"), "--min-numel", "1", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert qpack.info(tmp_path / "t.qpk").allocation["objective"] == "sensitivity"
+    bad = {"missing.json": None, "text.json": "not json", "list.json": "[1, 2]",
+           "kind.json": '{"kind": "other", "version": 1, "weights": {}}',
+           "negative.json": '{"kind": "qpack.sensitivity", "version": 1, "weights": {"0.weight": -1}}',
+           "version.json": '{"kind": "qpack.sensitivity", "version": 9, "weights": {"0.weight": 1}}',
+           "unknown.json": '{"kind": "qpack.sensitivity", "version": 1, "weights": {"module.0.weight": 1}}'}
+    for name, text in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "u.qpk"), "--target-bpw", "6",
+                         "--sensitivity", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert not (tmp_path / "u.qpk").exists()
+
+
+# -- the packer on extreme values and edge inputs (issue 13, item 4) -------------------------------
+
+def test_target_bpw_on_huge_values_returns_with_honest_errors(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.rand(95, 63, generator=gen) * 2 - 1) * 1e20  # squares overflow float32
+    report = qpack.pack({"w": w}, tmp_path / "t.qpk", target_bpw=5.0)
+    row = report.tensors[0]
+    loaded = qpack.load(tmp_path / "t.qpk")["w"]
+    measured = float((loaded.double() - w.double()).norm() / w.double().norm())
+    assert row.rel_rms == pytest.approx(measured, rel=1e-3) and row.rel_rms < 0.2
+    assert bits_per_weight(report, {"w": w}) <= 5.0
+
+
+def test_exact_zero_grid_past_float16_range_is_stored_losslessly(tmp_path):
+    w = torch.tensor([-39008, -31008, 32992, -28992, -2000, 63008], dtype=torch.float16)
+    report = qpack.pack({"w": w}, tmp_path / "t.qpk", bits=2, exact_zero=True, min_numel=1, bias_bits=2)
+    assert report.tensors[0].encoding == "raw" and "overflows float16" in report.tensors[0].reason
+    assert torch.equal(qpack.load(tmp_path / "t.qpk")["w"], w)
+    from qpack.encoder import snr_db
+
+    assert snr_db(1.0, math.inf) == -math.inf and snr_db(1e-300, 1e300) < -1000  # no math domain error
+
+
+@pytest.mark.parametrize("limit", [{"target_bpw": 4.0}, {"max_error": 0.1}])
+def test_nothing_to_quantize_is_a_clear_error(tmp_path, capsys, limit):
+    from qpack import cli
+
+    with pytest.raises(qpack.InputError, match="no tensor here can be quantized"):
+        qpack.pack({"steps": torch.arange(10)}, tmp_path / "t.qpk", **limit)
+    torch.save({"steps": torch.arange(10)}, tmp_path / "model.pt")
+    option = "--target-bpw" if "target_bpw" in limit else "--max-error"
+    code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "t.qpk"), option,
+                     str(next(iter(limit.values())))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no tensor here can be quantized" in err
     assert not (tmp_path / "t.qpk").exists()
