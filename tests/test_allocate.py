@@ -433,3 +433,46 @@ def test_nothing_to_quantize_is_a_clear_error(tmp_path, capsys, limit):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "no tensor here can be quantized" in err
     assert not (tmp_path / "t.qpk").exists()
+
+
+# -- the default -b 8: a channel much weaker than its tensor gets its own grid (issue 11, item 5) --
+
+def weak_channel_conv():
+    """A trained-ResNet-like conv: weight decay has shrunk some filters 30x (BatchNorm after
+    the conv scales their outputs back up), the rest are alike."""
+    gen = torch.Generator().manual_seed(2)
+    scale = torch.ones(32)
+    scale[::8] = 1 / 30
+    return torch.randn(32, 16, 3, 3, generator=gen) * 0.1 * scale[:, None, None, None]
+
+
+def after_batchnorm(weight, rebuilt):
+    """Per output channel, the relative error of conv + BatchNorm (each channel normalised to
+    unit variance over a batch, as BatchNorm's running statistics do)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 16, 8, 8, generator=gen)
+    y, z = (torch.nn.functional.conv2d(x, w) for w in (weight, rebuilt))
+    std = y.std(dim=(0, 2, 3), keepdim=True)
+    return ((z - y) / std).pow(2).mean(dim=(0, 2, 3)).sqrt()
+
+
+def test_a_weak_channel_gets_its_own_grid_at_the_default_setting(tmp_path):
+    weight = weak_channel_conv()
+    state = {"conv.weight": weight}
+    one_grid = qpack.pack(state, tmp_path / "t.qpk", channel_spread=None)
+    assert one_grid.tensors[0].granularity == "tensor"
+    worst_one_grid = float(after_batchnorm(weight, qpack.load(tmp_path / "t.qpk")["conv.weight"]).max())
+    default = qpack.pack(state, tmp_path / "d.qpk")  # -b 8, per tensor unless a channel is this weak
+    assert default.tensors[0].granularity == "channel" and "30x weaker" in default.tensors[0].reason
+    worst_default = float(after_batchnorm(weight, qpack.load(tmp_path / "d.qpk")["conv.weight"]).max())
+    # the mechanism: one grid gives the weak channels ~30x the tensor's error, and BatchNorm keeps it
+    assert one_grid.tensors[0].rel_rms < 0.01 and worst_one_grid > 0.05
+    assert worst_default < worst_one_grid / 10 and worst_default < 0.01
+    # 8 bytes of grid a channel, and the weak channels' indices now carry information
+    assert default.file_bytes <= one_grid.file_bytes * 1.2
+    # random-like channels, an explicit granularity and short rows keep what they had
+    gen = torch.Generator().manual_seed(4)
+    for tensor, options in [(torch.randn(64, 40, generator=gen), {}), (weight, {"granularity": "group:64"}),
+                            (weak_channel_conv().reshape(-1, 2)[:, :1], {})]:
+        report = qpack.pack({"w": tensor}, tmp_path / "o.qpk", force=True, **options)
+        assert report.tensors[0].granularity == options.get("granularity", "tensor").partition(":")[0]
