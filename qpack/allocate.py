@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from numbers import Real
 from typing import Any, NamedTuple
 
@@ -130,8 +130,8 @@ class Allocation:
     quantized_bytes: int
     #: the target's file size in bytes (None with ``max_error``)
     budget_bytes: int | None = None
+    #: "per-layer" (the default objective) or "sensitivity" (weights measured on data)
     objective: str = "per-layer"
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The numbers worth recording in the file (JSON-ready, rounded so bytes stay stable)."""

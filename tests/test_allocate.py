@@ -305,8 +305,10 @@ def test_bad_allocate_granularity_is_a_one_line_usage_error(tmp_path, capsys, ar
 def lenet_like():
     """A small first layer (150 weights) and a small last one (840) around a big middle, like LeNet-5."""
     gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    heavy_tailed = torch.distributions.Laplace(0.0, 0.05).sample((120, 400))  # its bits cost the most
     return {"c1.weight": torch.randn(6, 1, 5, 5, generator=gen) * 0.3, "c1.bias": torch.zeros(6),
-            "c5.weight": torch.randn(120, 400, generator=gen) * 0.05,
+            "c5.weight": heavy_tailed,
             "f6.weight": torch.randn(84, 120, generator=gen) * 0.1,
             "out.weight": torch.randn(10, 84, generator=gen) * 0.2}
 
@@ -315,9 +317,9 @@ def test_small_input_and_output_layers_are_not_sacrificed(tmp_path):
     # summing numel * rel^2 gave such layers 2 bits at rel 0.4-0.6 (a broken model): per layer,
     # their bits are cheap, so they end up at least as accurate as the big layer
     state = lenet_like()
-    report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=4.0)
+    report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=3.5)  # the old objective: c1 3 bits, rel 0.22
     rel = {r.name: r.rel_rms for r in report.tensors if r.encoding != "raw"}
-    assert bits_per_weight(report, state) <= 4.0
+    assert bits_per_weight(report, state) <= 3.5
     assert max(rel["c1.weight"], rel["out.weight"]) < rel["c5.weight"] / 2, rel
     assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= 15.0
 
