@@ -1,48 +1,79 @@
-"""Choosing the bits and granularity of each tensor: the least error for a file size, or the
-least size for an error.
+"""Choosing the method, bits and granularity of each tensor: the least error for a file size, or
+the least size for an error.
 
 Both problems start from the same measurements. Every tensor the policy quantizes is encoded
-at each candidate: each width of ``CANDIDATE_BITS`` at each candidate granularity (by default
-the policy's, "channel" and "tensor"), recording what it really costs (stored bytes after
-zstd or rANS, plus its parameters: per-channel or per-group grids and codebooks pay for
-their size here) and what it loses (its squared error relative to its mean square, times its
-element count, times a sensitivity weight). Then:
+at each candidate: each width of ``CANDIDATE_BITS`` at each candidate method and granularity,
+recording what it really costs (stored bytes after zstd or rANS, aligned as the file aligns
+them, plus its header entry: per-channel or per-group grids and codebooks pay for their size
+here) and what it loses (its relative error, ``rel_rms``).
 
-- ``--target-bpw X`` minimises the total error with the file within X bits per weight;
-- ``--max-error E`` minimises the file size with the overall relative RMS error within E.
+The objective (what the allocation minimises, or bounds) is, by default, a sum over layers:
 
-Each is solved the same way: a Lagrangian price trades the limited quantity (bytes, or error)
-against the one minimised, and is raised until the limit holds; then greedy steps use up
-what one price for all tensors leaves unspent (see ``_allocate``).
+    E = sum_t w_t * rel_t^2,   w_t = 1, or EDGE_WEIGHT for the first and the last quantized tensor
+
+Why per layer, not per element: a layer whose weights carry relative noise rel_t perturbs its
+own output by about rel_t relative to that output, whatever its size (noise that is
+independent of the input adds ||dW x|| ~ rel_t ||W x|| for random-like inputs), and the
+following layers carry that relative perturbation on to the logits about unchanged, so the
+output's relative error is about sqrt(sum_t rel_t^2). A 150-weight first conv at rel 0.4
+hurts as much as a 48,000-weight layer at rel 0.4; summing numel * rel^2, as qpack once did,
+made such small layers nearly free to ruin. The input and output layers weigh more: the
+first sees the raw input (no normalisation before it, each of its few filters feeds
+everything after), the last writes the logits directly, and quantizing them is what the
+literature keeps at high precision for a reason. ``predicted_error`` is the weighted RMS of
+the per-layer relative errors, sqrt(E / sum_t w_t); ``--max-error`` bounds it.
+
+With ``sensitivity`` (from :func:`qpack.measure_sensitivity`: measured on data), the weight
+of a tensor is instead numel * s_t, its Fisher estimate of the loss increase per unit rel^2.
+
+A quality floor (``Policy.min_snr_db``, 15 dB by default, i.e. rel <= 0.18) keeps every
+quantized tensor usable: a candidate below it is not chosen, unless the policy allows it
+(``allow_below_floor``) or no candidate of that tensor reaches it. A target that cannot be met
+above the floor is refused, naming the smallest one that can.
+
+The budget of ``--target-bpw`` counts the file as the writer writes it: the header (built by
+the writer's own functions, with the metadata the file will hold), alignment, and the
+lossless tensors' payloads; what is left goes to the quantized tensors. The plan's size is
+checked against the budget exactly before anything is written.
+
+Each problem is solved the same way: a Lagrangian price trades the limited quantity (bytes,
+or error) against the one minimised, and is raised until the limit holds; then greedy steps
+use up what one price for all tensors leaves unspent, starting also from every fixed setting
+(one candidate for every tensor) that fits, so the result is never worse, by the objective,
+than any plain ``-b B`` (and ``-m``, ``-g``) setting among the candidates (see ``_allocate``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import replace
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from numbers import Real
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-import msgpack
 import numpy as np
 import torch
 
 from .encoder import encode_tensor
 from .errors import InputError
-from .format import TensorEntry, parameter_rows
+from .format import TensorEntry, align, layout_offsets, parameter_rows
 from .policy import Decision, Policy, granularity_for, parse_granularity
+from .writer import planned_file_bytes
 
-__all__ = ["CANDIDATE_BITS", "Choice", "allocate", "candidate_granularities"]
+__all__ = ["CANDIDATE_BITS", "EDGE_WEIGHT", "Allocation", "Choice", "allocate", "plan",
+           "candidate_granularities", "layer_weights"]
 
 #: widths tried for each tensor
 CANDIDATE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
-#: alignment padding, per tensor (at most)
-_PADDING = 63
-#: preamble, header framing and metadata (an upper estimate)
-_FILE_OVERHEAD = 1024
+#: weight of the first and the last quantized tensor (input and output layers) in the objective
+EDGE_WEIGHT = 4.0
 #: float32 parameters per parameter set of each method, at a width (a codebook may be shorter)
 _PARAMS_PER_ROW = {"uniform": lambda bits: 2, "kmeans": lambda bits: 1 << bits}
+#: a predicted error as long as any the options record can hold (for the budget's upper bound)
+_LONGEST_ERROR = 1.2345678901234567e-100
+#: bytes per quantized tensor the header's integers may differ by between estimate and plan
+_INT_SLACK = 8
 
 
 class Choice(NamedTuple):
@@ -50,62 +81,109 @@ class Choice(NamedTuple):
 
     bits: int
     granularity: str  # "tensor", "channel" or "group:G", as ``Policy.granularity`` takes it
+    method: str = "uniform"
 
 
 class _Trial(NamedTuple):
-    """One tensor encoded at one width and granularity."""
+    """One tensor encoded at one width, method and granularity."""
 
     bits: int
     granularity: str
-    size: int  # bytes in the file: payload, header entry and padding
-    cost: float  # rel_rms^2 * numel * sensitivity weight
+    size: int  # bytes in the file: aligned payload and header entry
+    cost: float  # the objective's term: weight * rel_rms^2
+    method: str = "uniform"
+    snr_db: float = math.inf  # -20 log10(rel_rms)
+    entry: TensorEntry | None = None  # header entry, length and crc32 filled (for the exact plan)
 
 
-class _Measured(NamedTuple):
+@dataclass
+class _Measured:
     """What the trials found for a whole state dict."""
 
-    #: quantized tensor -> its trials, one per (granularity, width) candidate in the same order
-    #: for every tensor (a granularity a tensor cannot take repeats what it falls back to)
+    #: quantized tensor -> its trials, one per (candidate, width) in the same order for every
+    #: tensor (a candidate a tensor cannot take repeats what it falls back to)
     trials: dict[str, list[_Trial]]
-    weights: dict[str, float]  # quantized tensor -> numel * sensitivity weight
-    fixed_bytes: int  # everything the choices do not change: raw tensors, file overhead
+    weights: dict[str, float]  # quantized tensor -> its weight in the objective
+    entries: list[TensorEntry | str]  # file order: a lossless tensor's entry, or a quantized tensor's name
     elements: int  # elements of all tensors, raw ones included
 
 
-_Choice = dict[str, _Trial]
-#: fields of a trial the allocator trades against each other
-_SIZE, _COST = _Trial._fields.index("size"), _Trial._fields.index("cost")
+@dataclass(frozen=True)
+class Allocation:
+    """An allocation's choice and what it predicts (``info`` and ``--json`` show the summary)."""
+
+    choices: dict[str, Choice]
+    #: weighted RMS of the quantized tensors' relative errors (the objective, see the module doc)
+    predicted_error: float
+    #: the quality floor applied, in dB SNR per quantized tensor (None: no floor)
+    min_snr_db: float | None
+    #: the lowest SNR among the chosen candidates
+    lowest_snr_db: float | None
+    #: tensors below the floor (allowed by the policy, or with no candidate above it)
+    below_floor: tuple[str, ...]
+    #: the file's planned size, as the writer will write it
+    file_bytes: int
+    #: bytes that no choice changes: header framing, metadata, lossless tensors, alignment
+    fixed_bytes: int
+    #: bytes of the quantized tensors: aligned payloads and their header entries
+    quantized_bytes: int
+    #: the target's file size in bytes (None with ``max_error``)
+    budget_bytes: int | None = None
+    #: "per-layer" (the default objective) or "sensitivity" (weights measured on data)
+    objective: str = "per-layer"
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers worth recording in the file (JSON-ready, rounded so bytes stay stable)."""
+        # short: the file pays for it (the lowest SNR and who is below the floor are in the entries)
+        return {"objective": self.objective, "min_snr_db": self.min_snr_db,
+                "predicted_error": _round(self.predicted_error)}
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.4g}") if math.isfinite(value) else value
 
 
 def allocate(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bpw: float | None = None,
              sensitivity: Mapping[str, float] | None = None, *, max_error: float | None = None,
              granularities: str | Iterable[str] | None = None) -> dict[str, Choice]:
-    """Bits (from ``CANDIDATE_BITS``) and granularity for each tensor the policy quantizes.
+    """Bits, granularity and method for each tensor the policy quantizes: :func:`plan`'s choices."""
+    return plan(tensors, policy, target_bpw, sensitivity, max_error=max_error, granularities=granularities).choices
+
+
+def plan(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bpw: float | None = None,
+         sensitivity: Mapping[str, float] | None = None, *, max_error: float | None = None,
+         granularities: str | Iterable[str] | None = None,
+         metadata: Callable[[dict[str, Any]], Mapping[str, str]] | None = None) -> Allocation:
+    """Bits (from ``CANDIDATE_BITS``), granularity and method for each tensor the policy quantizes.
 
     Give exactly one of ``target_bpw`` (the least error within a file size) and ``max_error``
-    (the smallest file within an error bound).
+    (the smallest file within an error bound). The objective and the quality floor are in
+    the module's docstring.
 
     Args:
-        tensors: the state dict (read twice: once here, once when packing).
-        policy: the packing policy; its method and pruning are kept.
+        tensors: the state dict (read twice: once here, once when packing), in file order.
+        policy: the packing policy; its method, pruning and quality floor (``min_snr_db``,
+            ``allow_below_floor``) are kept.
         target_bpw: file bytes * 8 / all elements of all tensors, at most.
-        sensitivity: optional ``{name: weight}`` multiplying a tensor's error (for instance
-            from :func:`qpack.measure_sensitivity`); 1 for the names it does not hold.
-        max_error: bound on the overall relative RMS error of the quantized tensors,
-            ``sqrt(sum_t w_t n_t rel_t^2 / sum_t w_t n_t)``, with ``rel_t`` a tensor's error
-            RMS over its RMS (``rel_rms`` in its stats), ``n_t`` its element count and ``w_t``
-            its sensitivity weight. Tensors stored losslessly are left out of the average,
-            so they do not loosen the bound on the others.
+        sensitivity: optional ``{name: weight}`` from :func:`qpack.measure_sensitivity`: the
+            objective then weighs a tensor's rel^2 by numel * weight (1 for names it lacks)
+            instead of per layer.
+        max_error: bound on ``predicted_error``, the weighted RMS of the quantized tensors'
+            relative errors: ``sqrt(sum_t w_t rel_t^2 / sum_t w_t)`` with ``w_t`` the
+            objective's weights. Tensors stored losslessly are left out.
         granularities: the candidate granularities, e.g. ``("tensor", "channel", "group:64")``
-            or ``"tensor,channel,group:64"``; see :func:`candidate_granularities`. Each one
-            adds a trial encode per width to every tensor.
+            or ``"tensor,channel,group:64"``; see :func:`candidate_granularities`.
+        metadata: ``summary -> metadata`` the file will hold, given :meth:`Allocation.summary`;
+            the budget counts its bytes. None: no metadata.
 
     Returns:
-        ``{name: Choice(bits, granularity)}`` for every quantized tensor.
+        The :class:`Allocation`.
 
     Raises:
         InputError: both or neither limit given, a limit that is not a positive finite
-            number, a bad sensitivity or granularity, or a limit no choice meets.
+            number, a bad sensitivity or granularity, no tensor to quantize, a limit no choice
+            meets, or a target met only below the quality floor (the message names the
+            smallest target that is met above it).
     """
     if (target_bpw is None) == (max_error is None):
         raise InputError("give exactly one of target_bpw (--target-bpw) and max_error (--max-error)")
@@ -113,13 +191,38 @@ def allocate(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bpw: fl
         target_bpw = _positive(target_bpw, "target bits per weight")
     else:
         max_error = _positive(max_error, "max error")
+    what = f"--target-bpw {target_bpw:g}" if target_bpw is not None else f"--max-error {max_error:g}"
     candidates = candidate_granularities(policy, granularities)
-    measured = _measure(tensors, policy, _check_sensitivity(sensitivity, tensors), candidates)
+    checked = None if sensitivity is None else _check_sensitivity(sensitivity, tensors)
+    measured = _measure(tensors, policy, checked, candidates)
+    if not measured.trials:
+        raise InputError(f"{what}: no tensor here can be quantized (integer, 1-D, small, excluded or "
+                         "non-finite tensors are stored losslessly); pack without it for a lossless file")
+    floor = None if policy.min_snr_db is None or policy.allow_below_floor else policy.min_snr_db
+    allowed = _apply_floor(measured.trials, floor)
+    meta = metadata or (lambda summary: {})
+    planner = _Planner(measured, meta)
     if target_bpw is not None:
-        choice = _least_error(measured, target_bpw)
+        columns = _least_error(measured, allowed, planner, target_bpw, floor, policy)
     else:
-        choice = _least_size(measured, max_error)
-    return {name: Choice(trial.bits, trial.granularity) for name, trial in choice.items()}
+        columns = _least_size(measured, allowed, max_error)
+    return planner.allocation(columns, policy.min_snr_db, sensitivity is not None,
+                              None if target_bpw is None else int(target_bpw * measured.elements / 8))
+
+
+def layer_weights(sizes: Mapping[str, int], sensitivity: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The objective's weight of each quantized tensor (``{name: numel}`` in file order).
+
+    Per layer: 1 each, ``EDGE_WEIGHT`` for the first and the last. With ``sensitivity``:
+    numel * its weight (1 for names it lacks).
+    """
+    if sensitivity is not None:
+        return {name: numel * sensitivity.get(name, 1.0) for name, numel in sizes.items()}
+    weights = dict.fromkeys(sizes, 1.0)
+    if weights:
+        names = list(weights)
+        weights[names[0]] = weights[names[-1]] = EDGE_WEIGHT
+    return weights
 
 
 def candidate_granularities(policy: Policy, granularities: str | Iterable[str] | None = None) -> tuple[str, ...]:
@@ -153,9 +256,8 @@ def _positive(value: object, what: str) -> float:
     return float(value)
 
 
-def _check_sensitivity(sensitivity: Mapping[str, float] | None,
-                       tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    weights = dict(sensitivity or {})
+def _check_sensitivity(sensitivity: Mapping[str, float], tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    weights = dict(sensitivity)
     unknown = sorted(set(weights) - set(tensors))
     if unknown:  # most likely a prefix mismatch ("module."), which would silently weigh nothing
         raise InputError(f"sensitivity names {len(unknown)} tensor(s) the checkpoint lacks, "
@@ -167,93 +269,209 @@ def _check_sensitivity(sensitivity: Mapping[str, float] | None,
 
 
 def _entry_bytes(entry: TensorEntry) -> int:
-    """What a tensor adds besides its payload: its header entry (parameters included) and padding."""
-    widest = replace(entry, length=0xFFFFFFFF, offset=0xFFFFFFFF, crc32=0xFFFFFFFF)  # 5-byte ints: an upper bound
-    return len(msgpack.packb(widest.to_header(), use_bin_type=True)) + _PADDING
+    """What a candidate adds to the header: its parameters (min/max or codebooks, per tensor,
+    channel or group). The rest of an entry is the same for every candidate and, in a
+    compressed version-3 header, far smaller than its msgpack size alone; the planner counts
+    it, exactly, among the fixed bytes."""
+    return sum(len(value) for value in entry.params.values() if isinstance(value, (bytes, bytearray)))
 
 
-def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: Mapping[str, float],
+def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: Mapping[str, float] | None,
              granularities: tuple[str, ...]) -> _Measured:
-    """Encode each quantized tensor at every candidate; size the rest once."""
+    """Encode each quantized tensor at every candidate; the rest once."""
     trials: dict[str, list[_Trial]] = {}
-    weights: dict[str, float] = {}
-    elements, fixed_bytes = 0, _FILE_OVERHEAD
+    rel: dict[str, list[float]] = {}
+    entries: list[TensorEntry | str] = []
+    elements = 0
     for name, tensor in tensors.items():
         elements += tensor.numel()
         decision = policy.decide(name, tensor)
-        weight = tensor.numel() * sensitivity.get(name, 1.0)
-        found = None if decision.encoding == "raw" else _trials(name, tensor, decision, granularities, weight)
+        found = None if decision.encoding == "raw" else _trials(name, tensor, decision,
+                                                               _candidates(policy, granularities))
         if found is None:
             entry, stored, _ = encode_tensor(name, tensor, decision)
-            fixed_bytes += len(stored) + _entry_bytes(entry)
+            entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
+            entries.append(entry)
         else:
-            trials[name], weights[name] = found, weight
-    return _Measured(trials, weights, fixed_bytes, elements)
+            trials[name], rel[name] = [t for t, _ in found], [r for _, r in found]
+            entries.append(name)
+    weights = layer_weights({name: tensors[name].numel() for name in trials}, sensitivity)
+    for name, row in trials.items():
+        trials[name] = [t._replace(cost=r * r * weights[name]) for t, r in zip(row, rel[name])]
+    return _Measured(trials, weights, entries, elements)
 
 
-def _trials(name: str, tensor: torch.Tensor, decision: Decision, granularities: tuple[str, ...],
-            weight: float) -> list[_Trial] | None:
-    """One trial per (granularity, width) candidate; None if the tensor is stored raw whatever
-    they are (it holds NaN or Inf). Only sizes and errors are kept, so memory stays one encode's.
+def _candidates(policy: Policy, granularities: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(method, granularity) pairs tried: the policy's method at each granularity, and for a
+    uniform policy also a k-means codebook per tensor, so that every fixed ``-b B``,
+    ``-b B -m kmeans`` setting is among the whole-model choices the solver starts from."""
+    pairs = [(policy.method, text) for text in granularities]
+    if policy.method == "uniform":
+        pairs.append(("kmeans", "tensor"))
+    return tuple(dict.fromkeys(pairs))
+
+
+def _trials(name: str, tensor: torch.Tensor, decision: Decision,
+            candidates: tuple[tuple[str, str], ...]) -> list[tuple[_Trial, float]] | None:
+    """(trial, rel_rms) per (candidate, width); None if the tensor is stored raw whatever they
+    are (it holds NaN or Inf). Payloads are not kept, so memory stays one encode's.
 
     A candidate whose parameters alone would outweigh its packed indices (per-channel 256-entry
     codebooks on short rows, say) is not encoded: it costs more than twice what its indices do,
-    and fitting it is the slowest trial there is. Its column repeats the previous granularity's
+    and fitting it is the slowest trial there is. Its column repeats the previous candidate's
     trial at the same width, so every tensor keeps one column per candidate.
     """
-    encoded: dict[tuple[int, str], _Trial] = {}
-    found: list[_Trial] = []
-    for text in granularities:
+    encoded: dict[tuple[int, str, str], tuple[_Trial, float]] = {}
+    found: list[tuple[_Trial, float]] = []
+    for method, text in candidates:
         kind, group_size = granularity_for(text, tensor)
         label = f"group:{group_size}" if group_size else kind
         rows = parameter_rows(tuple(tensor.shape), kind, group_size)
         for bits in CANDIDATE_BITS:
-            if (bits, label) not in encoded:  # a fallback repeats a trial: encode it once
-                heavy = rows * _PARAMS_PER_ROW[decision.encoding](bits) * 4 > tensor.numel() * bits / 8
+            if (bits, label, method) not in encoded:  # a fallback repeats a trial: encode it once
+                heavy = rows * _PARAMS_PER_ROW[method](bits) * 4 > tensor.numel() * bits / 8
                 if heavy and len(found) >= len(CANDIDATE_BITS):
-                    found.append(found[-len(CANDIDATE_BITS)])  # the previous granularity, same width
+                    found.append(found[-len(CANDIDATE_BITS)])  # the previous candidate, same width
                     continue
                 entry, stored, row = encode_tensor(name, tensor, replace(
-                    decision, bits=bits, granularity=kind, group_size=group_size))
+                    decision, encoding=method, bits=bits, granularity=kind, group_size=group_size))
                 if entry.encoding == "raw":
                     return None
-                encoded[bits, label] = _Trial(bits, label, len(stored) + _entry_bytes(entry),
-                                              (row.rel_rms or 0.0) ** 2 * weight)
-            found.append(encoded[bits, label])
+                entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
+                rel = row.rel_rms or 0.0
+                snr = -20 * math.log10(rel) if rel > 0 else math.inf
+                trial = _Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0, method, snr, entry)
+                encoded[bits, label, method] = (trial, rel)
+            found.append(encoded[bits, label, method])
     return found
 
 
-def _least_error(measured: _Measured, target_bpw: float) -> _Choice:
-    """The least total cost with the file within ``target_bpw``."""
-    budget = target_bpw * measured.elements / 8 - measured.fixed_bytes
-    choice = _allocate(measured.trials, minimise=_COST, limited=_SIZE, limit=budget)
-    if choice is None:
-        smallest = sum(min(t.size for t in trials) for trials in measured.trials.values())
-        floor = (smallest + measured.fixed_bytes) * 8 / max(measured.elements, 1)
-        raise InputError(f"--target-bpw {target_bpw:g} is below what the smallest choices (1-bit indices) give here "
-                         f"(about {floor:.3f} bits per weight)")
-    return choice
+def _apply_floor(trials: Mapping[str, list[_Trial]], floor: float | None) -> dict[str, list[bool]]:
+    """Which candidates the floor allows: those at or above it, and each tensor's most accurate."""
+    allowed = {}
+    for name, row in trials.items():
+        best = max(t.snr_db for t in row)
+        allowed[name] = [floor is None or t.snr_db >= floor or t.snr_db == best for t in row]
+    return allowed
 
 
-def _least_size(measured: _Measured, max_error: float) -> _Choice:
-    """The fewest bytes with the overall weighted relative RMS error within ``max_error``."""
+def _masked(measured: _Measured, allowed: Mapping[str, list[bool]]) -> dict[str, list[_Trial]]:
+    """The trials, with those not allowed made infinitely large and bad (never chosen)."""
+    return {name: [t if ok else t._replace(size=math.inf, cost=math.inf) for t, ok in zip(row, allowed[name])]
+            for name, row in measured.trials.items()}
+
+
+class _Planner:
+    """The file a choice gives, as the writer will write it: header from the writer's own
+    functions with the file's metadata, payloads laid out and aligned."""
+
+    def __init__(self, measured: _Measured, metadata: Callable[[dict[str, Any]], Mapping[str, str]]) -> None:
+        self.measured, self.metadata = measured, metadata
+        reference = {name: 0 for name in measured.trials}
+        longest = {"objective": "sensitivity", "min_snr_db": _LONGEST_ERROR, "predicted_error": _LONGEST_ERROR}
+        # what no choice changes: the whole planned file less the quantized tensors' own bytes
+        self.fixed = self.file_bytes(reference, longest) - self.quantized_bytes(reference)
+
+    def quantized_bytes(self, columns: Mapping[str, int]) -> int:
+        return sum(self.measured.trials[name][column].size for name, column in columns.items())
+
+    def file_bytes(self, columns: Mapping[str, int], summary: dict[str, Any]) -> int:
+        trials = self.measured.trials
+        entries = [item if isinstance(item, TensorEntry) else trials[item][columns[item]].entry
+                   for item in self.measured.entries]
+        entries = [replace(e) for e in entries]  # offsets are set on copies
+        for entry, offset in zip(entries, layout_offsets([e.length for e in entries])):
+            entry.offset = offset
+        return planned_file_bytes(entries, dict(self.metadata(summary)))
+
+    def allocation(self, columns: Mapping[str, int], min_snr_db: float | None, measured_sensitivity: bool,
+                   budget: int | None) -> Allocation:
+        trials, weights = self.measured.trials, self.measured.weights
+        chosen = {name: trials[name][column] for name, column in columns.items()}
+        error = math.sqrt(sum(t.cost for t in chosen.values()) / max(sum(weights.values()), 1e-300))
+        lowest = min((t.snr_db for t in chosen.values()), default=None)
+        below = tuple(name for name, t in chosen.items() if min_snr_db is not None and t.snr_db < min_snr_db)
+        result = Allocation({name: Choice(t.bits, t.granularity, t.method) for name, t in chosen.items()},
+                            error, min_snr_db, None if lowest is None or math.isinf(lowest) else lowest, below,
+                            0, self.fixed, self.quantized_bytes(columns), budget,
+                            "sensitivity" if measured_sensitivity else "per-layer")
+        size = self.file_bytes(columns, result.summary())
+        return replace(result, file_bytes=size, fixed_bytes=size - result.quantized_bytes)
+
+
+def _least_error(measured: _Measured, allowed: Mapping[str, list[bool]], planner: _Planner, target_bpw: float,
+                 floor: float | None, policy: Policy) -> dict[str, int]:
+    """The least total cost with the file within ``target_bpw``, checked on the planned file."""
+    budget = int(target_bpw * measured.elements / 8)
+    trials = _masked(measured, allowed)
+    slack = 0
+    for _ in range(6):
+        columns = _allocate(trials, minimise=_COST, limited=_SIZE, limit=budget - planner.fixed - slack)
+        if columns is None:
+            break
+        summary = planner.allocation(columns, policy.min_snr_db, False, budget).summary()
+        over = planner.file_bytes(columns, summary) - budget
+        if over <= 0:
+            return columns
+        slack += over  # the estimate missed a few header bytes: plan again within what is left
+    raise InputError(_infeasible(measured, allowed, planner, target_bpw, floor))
+
+
+def _infeasible(measured: _Measured, allowed: Mapping[str, list[bool]], planner: _Planner, target_bpw: float,
+                floor: float | None) -> str:
+    """Why a target cannot be met, and the smallest one that can."""
+    def smallest(mask: Mapping[str, list[bool]] | None) -> tuple[float, dict[str, int]]:
+        columns = {}
+        for name, row in measured.trials.items():
+            sizes = [t.size if mask is None or mask[name][i] else math.inf for i, t in enumerate(row)]
+            columns[name] = int(np.argmin(sizes))
+        planned = planner.fixed + planner.quantized_bytes(columns) + _INT_SLACK * len(columns)
+        return math.ceil(planned * 8 / measured.elements * 100) / 100, columns
+
+    least, _ = smallest(None)
+    if target_bpw < least or floor is None:
+        return (f"--target-bpw {target_bpw:g} is below what the smallest choices (1-bit indices) give here "
+                f"(about {least:.2f} bits per weight)")
+    feasible, columns = smallest(allowed)
+    # the tensor the floor costs the most bytes
+    trials = measured.trials
+    name = max(columns, key=lambda n: trials[n][columns[n]].size - min(t.size for t in trials[n]))
+    return (f"--target-bpw {target_bpw:g} would push some quantized tensors (e.g. {name!r}) below the quality "
+            f"floor of {floor:g} dB SNR; the smallest target that keeps every one above it is "
+            f"{feasible:.2f} bits per weight (or lower the floor with --min-snr, or allow it with "
+            f"--allow-below-floor)")
+
+
+def _least_size(measured: _Measured, allowed: Mapping[str, list[bool]], max_error: float) -> dict[str, int]:
+    """The fewest bytes with the objective's predicted error within ``max_error``."""
     total_weight = sum(measured.weights.values())
-    choice = _allocate(measured.trials, minimise=_SIZE, limited=_COST, limit=max_error ** 2 * total_weight)
-    if choice is None:
-        best = sum(min(t.cost for t in trials) for trials in measured.trials.values())
+    trials = _masked(measured, allowed)
+    columns = _allocate(trials, minimise=_SIZE, limited=_COST, limit=max_error ** 2 * total_weight)
+    if columns is None:
+        best = sum(min(t.cost for t in row) for row in measured.trials.values())
         raise InputError(f"--max-error {max_error:g} cannot be met here: even the most accurate choice "
                          f"for each tensor ({max(CANDIDATE_BITS)} bits at most) gives an error of "
                          f"{math.sqrt(best / total_weight):.4g}")
-    return choice
+    return columns
 
 
-def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, limit: float) -> _Choice | None:
-    """One trial per tensor: the sum of field ``minimise`` as small as found, the sum of field
+_Columns = dict[str, int]
+#: fields of a trial the allocator trades against each other
+_SIZE, _COST = _Trial._fields.index("size"), _Trial._fields.index("cost")
+
+
+def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, limit: float) -> _Columns | None:
+    """One candidate (column) per tensor: the sum of field ``minimise`` as small as found, the sum of field
     ``limited`` within ``limit``; None if even each tensor's least ``limited`` does not fit.
 
     Arrays hold one row per tensor and one column per candidate (the same candidates, in the
     same order, for every tensor), so thousands of tensors are quick.
     """
+    with np.errstate(invalid="ignore", divide="ignore"):  # candidates below the floor are infinite
+        return _allocate_finite(trials, minimise, limited, limit)
+
+
+def _allocate_finite(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, limit: float) -> _Columns | None:
     names = list(trials)
     table = np.array([[(t[minimise], t[limited]) for t in trials[name]] for name in names],
                      dtype=np.float64).reshape(len(names), -1, 2)
@@ -272,7 +490,7 @@ def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, l
     # and the price is raised until the sum of resource fits. Sizes after zstd need not grow
     # with bits; this picks from the lower convex hull of each tensor's points regardless.
     low, high = 0.0, 1.0
-    while used(choose(high)) > limit:
+    while used(choose(high)) > limit and high < 1e300:  # finite costs: a price this high picks the least resource
         high *= 4
     if used(choose(low)) <= limit:
         high = low
@@ -289,7 +507,7 @@ def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, l
     finished = [_improve(objective, resource, _repair(objective, resource, start, limit), limit)
                 for start in starts]
     best = min(finished, key=lambda choice: (float(objective[rows, choice].sum()), used(choice)))
-    return {name: trials[name][column] for name, column in zip(names, best.tolist())}
+    return dict(zip(names, best.tolist()))
 
 
 def _repair(objective: np.ndarray, resource: np.ndarray, choice: np.ndarray, limit: float) -> np.ndarray:

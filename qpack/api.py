@@ -49,6 +49,8 @@ class PackReport:
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     seconds: float | None = None
+    #: with --target-bpw or --max-error: the objective, quality floor (dB) and predicted error
+    allocation: dict[str, Any] | None = None
 
     @property
     def ratio(self) -> float:
@@ -65,6 +67,7 @@ class PackReport:
             "seconds": self.seconds,
             "notes": list(self.notes),
             "metadata": dict(self.metadata),
+            "allocation": None if self.allocation is None else json_safe(dict(self.allocation)),
             "tensors": [json_safe(asdict(t)) for t in self.tensors],
         }
 
@@ -100,6 +103,7 @@ def pack(
     trust_pickle: bool = False,
     progress: Progress | None = None,
     threads: int | None = None,
+    **policy_options: Any,
 ) -> PackReport:
     """Quantize a state dict and write it as a .qpk file.
 
@@ -126,17 +130,19 @@ def pack(
         param_dtype: element type of stored min/max and codebooks: "float32", "float16" or
             "auto" (float16 for group granularity, float32 otherwise); see
             :class:`qpack.Policy`.
-        target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused)
-            and granularity (see ``allocate_granularity``) so that the file has at most this
-            many bits per weight, with the least total relative error (qpack.allocate). Each
-            tensor is encoded at every candidate first.
-        max_error: instead of ``target_bpw``, choose each quantized tensor's bits (1 to 8)
-            and granularity for the smallest file whose overall relative RMS error is at most this:
-            ``sqrt(sum_t s_t n_t rel_t^2 / sum_t s_t n_t)`` over the quantized tensors, with
-            ``rel_t`` a tensor's ``rel_rms``, ``n_t`` its element count and ``s_t`` its
-            sensitivity.
-        sensitivity: with ``target_bpw`` or ``max_error``, ``{name: weight}`` scaling each
-            tensor's error, e.g. from :func:`qpack.measure_sensitivity`; 1 for names it lacks.
+        target_bpw: choose each quantized tensor's bits (1 to 8; ``bits`` is then unused),
+            granularity (see ``allocate_granularity``) and method (``method``, and k-means per
+            tensor) so that the whole file has at most this many bits per weight, with the
+            least predicted error: relative errors squared, summed per layer, the first and
+            last layers weighted more (qpack.allocate), no tensor below the quality floor
+            (``min_snr_db``). Each tensor is encoded at every candidate first.
+        max_error: instead of ``target_bpw``, the smallest file whose predicted error,
+            ``sqrt(sum_t w_t rel_t^2 / sum_t w_t)`` over the quantized tensors (``rel_t`` a
+            tensor's ``rel_rms``, ``w_t`` its weight in the objective), is at most this.
+        sensitivity: with ``target_bpw`` or ``max_error``, ``{name: weight}`` from
+            :func:`qpack.measure_sensitivity` (or ``qpack.sensitivity.load_sensitivity``):
+            the objective then weighs each tensor's rel^2 by numel * weight (1 for names it
+            lacks) instead of per layer.
         allocate_granularity: with ``target_bpw`` or ``max_error``, the granularities tried
             for each tensor ("tensor,channel,group:64" or a list of those); by default
             ``granularity``, "channel" (uniform only: per-row k-means fits are slow) and
@@ -147,19 +153,26 @@ def pack(
         progress: called after each tensor with (name, done, total).
         threads: tensors encoded side by side (default: one per two cores, at most 4); each holds
             its tensor's temporaries, so memory grows with it.
+        policy_options: further :class:`qpack.policy.Policy` fields, e.g. ``min_snr_db=12.0``
+            (the allocation's quality floor, 15 dB SNR per quantized tensor by default) or
+            ``allow_below_floor=True``.
 
     Returns:
         A PackReport with one row per tensor and the totals.
 
     Raises:
-        InputError: bad options or an unusable checkpoint.
+        InputError: bad options or an unusable checkpoint; a target met only below the
+            quality floor (the message names the smallest target met above it).
         OutputExistsError: ``out_path`` exists and ``force`` is False.
     """
     started = time.perf_counter()
+    unknown = sorted(set(policy_options) - {f.name for f in dataclasses.fields(Policy)})
+    if unknown:
+        raise InputError(f"unknown packing option {unknown[0]!r}")
     policy = Policy(bits=bits, method=method, granularity=granularity, bias_bits=bias_bits,
                     exclude=tuple(exclude), bit_overrides=tuple((bit_overrides or {}).items()),
                     min_numel=min_numel, prune=prune, exact_zero=exact_zero, rans=rans,
-                    param_dtype=param_dtype)
+                    param_dtype=param_dtype, **policy_options)
     out_path = Path(out_path)
     check_output_path(out_path, force)
     if isinstance(source, (str, os.PathLike)):
@@ -170,28 +183,39 @@ def pack(
     else:
         checkpoint = from_mapping(source)
         provenance = {}
-    candidates: tuple[str, ...] = ()
-    if target_bpw is not None or max_error is not None:
-        from .allocate import allocate, candidate_granularities
-
-        candidates = candidate_granularities(policy, allocate_granularity)
-        with torch_threads(1):  # trial encodes, one tensor at a time: see qpack.parallel
-            chosen = allocate(checkpoint.tensors, policy, target_bpw, sensitivity, max_error=max_error,
-                              granularities=candidates)
-        allocation = f"--target-bpw {target_bpw}" if max_error is None else f"--max-error {max_error}"
-        policy = dataclasses.replace(
-            policy, bits_by_name=tuple((name, c.bits) for name, c in chosen.items()),
-            granularity_by_name=tuple((name, c.granularity) for name, c in chosen.items()), allocation=allocation)
-    elif sensitivity is not None or allocate_granularity is not None:
-        what = "sensitivity weighs errors" if sensitivity is not None else "allocate_granularity lists choices"
-        raise InputError(f"{what} for target_bpw or max_error (--target-bpw, --max-error); give one of them")
-    meta = {"qpack.version": __version__, **provenance,
-            "qpack.options": json.dumps(_options(policy, target_bpw, max_error, candidates), sort_keys=True),
-            **checkpoint.scalars}
+    extra = {}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InputError("metadata keys and values must be strings")
-        meta[key] = value
+        extra[key] = value
+
+    def file_metadata(candidates: tuple[str, ...], summary: dict[str, Any] | None) -> dict[str, str]:
+        options = _options(policy, target_bpw, max_error, candidates, summary)
+        return {"qpack.version": __version__, **provenance, "qpack.options": json.dumps(options, sort_keys=True),
+                **checkpoint.scalars, **extra}
+
+    candidates: tuple[str, ...] = ()
+    summary = None
+    notes = list(checkpoint.notes)
+    if target_bpw is not None or max_error is not None:
+        from .allocate import candidate_granularities, plan
+
+        candidates = candidate_granularities(policy, allocate_granularity)
+        with torch_threads(1):  # trial encodes, one tensor at a time: see qpack.parallel
+            chosen = plan(checkpoint.tensors, policy, target_bpw, sensitivity, max_error=max_error,
+                          granularities=candidates, metadata=lambda summary: file_metadata(candidates, summary))
+        summary = chosen.summary()
+        notes += _allocation_notes(chosen, target_bpw)
+        allocation = f"--target-bpw {target_bpw}" if max_error is None else f"--max-error {max_error}"
+        choices = chosen.choices.items()
+        policy = dataclasses.replace(
+            policy, bits_by_name=tuple((name, c.bits) for name, c in choices),
+            granularity_by_name=tuple((name, c.granularity) for name, c in choices),
+            method_by_name=tuple((name, c.method) for name, c in choices), allocation=allocation)
+    elif sensitivity is not None or allocate_granularity is not None:
+        what = "sensitivity weighs errors" if sensitivity is not None else "allocate_granularity lists choices"
+        raise InputError(f"{what} for target_bpw or max_error (--target-bpw, --max-error); give one of them")
+    meta = file_metadata(candidates, summary)
     rows: list[TensorReport] = []
     with QpkWriter(out_path, overwrite=force, metadata=meta) as writer:
         total = len(checkpoint.tensors)
@@ -211,22 +235,60 @@ def pack(
                 progress(name, done, total)
         file_bytes = writer.finish()
     original = sum(r.original_bytes for r in rows)
-    notes = list(checkpoint.notes)
     if original > default_max_bytes(file_bytes):
         notes.append(f"the tensors decode to {original:,} bytes, more than readers accept by default from a "
                      f"{file_bytes:,}-byte file (spec R23); load it with max_bytes=None (--max-bytes unlimited)")
-    return PackReport(str(out_path), rows, file_bytes, original, notes, meta, time.perf_counter() - started)
+    return PackReport(str(out_path), rows, file_bytes, original, notes, meta,
+                      time.perf_counter() - started, _allocation_of(meta, rows))
+
+
+def _allocation_notes(chosen: Any, target_bpw: float | None) -> list[str]:
+    """What the allocation counted and predicts, in words."""
+    floor = "no quality floor" if chosen.min_snr_db is None else f"floor {chosen.min_snr_db:g} dB SNR per tensor"
+    lowest = "" if chosen.lowest_snr_db is None else f", lowest {chosen.lowest_snr_db:.1f} dB"
+    notes = [f"allocation: predicted error {chosen.predicted_error:.4f} (weighted RMS of the per-layer relative "
+             f"errors, {chosen.objective}); {floor}{lowest}"]
+    if target_bpw is not None:
+        notes.append(f"budget: {chosen.budget_bytes:,} bytes for --target-bpw {target_bpw:g}: {chosen.fixed_bytes:,} "
+                     f"fixed (header, metadata, lossless tensors, alignment), "
+                     f"{chosen.budget_bytes - chosen.fixed_bytes:,} left for the quantized weights, "
+                     f"which take {chosen.quantized_bytes:,}")
+    if chosen.below_floor:
+        notes.append(f"below the quality floor: {', '.join(chosen.below_floor)}")
+    return notes
+
+
+def _allocation_of(metadata: Mapping[str, str], rows: list[TensorReport]) -> dict[str, Any] | None:
+    """The allocation summary recorded in a file's options, if any (None for files without one),
+    with the lowest SNR and the tensors below the floor, from the rows."""
+    try:
+        options = json.loads(metadata.get("qpack.options", "null"))
+    except ValueError:
+        return None
+    found = options.get("allocation") if isinstance(options, dict) else None
+    if not isinstance(found, dict):
+        return None
+    floor = found.get("min_snr_db")
+    snrs = {r.name: r.snr_db for r in rows if r.encoding != "raw" and isinstance(r.snr_db, (int, float))}
+    return {"target_bpw": options.get("target_bpw"), "max_error": options.get("max_error"), **found,
+            "lowest_snr_db": min(snrs.values(), default=None),
+            "below_floor": [name for name, snr in snrs.items() if isinstance(floor, (int, float)) and snr < floor]}
 
 
 def _options(policy: Policy, target_bpw: float | None, max_error: float | None,
-             candidates: tuple[str, ...]) -> dict[str, Any]:
+             candidates: tuple[str, ...], summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    # An allocation records its summary; what each tensor got is in its header entry, so the
+    # allocated_* keys (kept for plain packs, whose bytes stay as they were) are left out.
+    allocated: dict[str, Any] = {"allocated_bits": None, "allocated_granularity": None}
+    if summary is not None:
+        allocated = {"allocation": summary}
     return {"target_bpw": _float_or_none(target_bpw), "max_error": _float_or_none(max_error),
-            "allocate_granularity": list(candidates) or None,
+            "allocate_granularity": list(candidates) or None, **allocated,
             "bits": policy.bits, "method": policy.method, "granularity": policy.granularity,
             "bias_bits": policy.bias_bits, "exclude": list(policy.exclude),
             "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel,
-            "prune": policy.prune, "exact_zero": policy.exact_zero, "rans": policy.rans, "param_dtype": policy.param_dtype, "allocated_bits": dict(policy.bits_by_name) or None,
-            "allocated_granularity": dict(policy.granularity_by_name) or None}
+            "prune": policy.prune, "exact_zero": policy.exact_zero, "rans": policy.rans,
+            "param_dtype": policy.param_dtype}
 
 
 def _float_or_none(value: float | None) -> float | None:
@@ -372,7 +434,9 @@ def info(path: str | os.PathLike[str]) -> PackReport:
                 param_dtype=entry.param_dtype if entry.encoding != "raw" else None))
         size = os.path.getsize(path)
         original = sum(r.original_bytes for r in rows)
-        return PackReport(str(path), rows, size, original, metadata=dict(reader.metadata))
+        metadata = dict(reader.metadata)
+        return PackReport(str(path), rows, size, original, metadata=metadata,
+                          allocation=_allocation_of(metadata, rows))
 
 
 #: stats above this are not counts a tensor can have (R11 allows 2^48 elements)

@@ -79,14 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     allocation = p.add_mutually_exclusive_group()
     allocation.add_argument("--target-bpw", type=float, metavar="X",
                             help="choose each tensor's bits (1-8) and granularity so the file has at most X "
-                                 "bits per weight, with the least total error")
+                                 "bits per weight, with the least predicted error (relative errors summed per layer)")
     allocation.add_argument("--max-error", type=float, metavar="E",
                             help="choose each tensor's bits (1-8) and granularity for the smallest file whose "
-                                 "overall relative RMS error is at most E")
+                                 "predicted error (RMS of the per-layer relative errors) is at most E")
     p.add_argument("--allocate-granularity", metavar="LIST",
                    help="with --target-bpw or --max-error: the granularities to choose from, comma-separated, "
                         "e.g. tensor,channel,group:64 (default: --granularity, channel for uniform, and "
                         "tensor; each one adds 8 trial encodes per tensor)")
+    p.add_argument("--sensitivity", metavar="FILE.json",
+                   help="with --target-bpw or --max-error: weigh each tensor's error by the sensitivity that "
+                        "qpack.measure_sensitivity(..., path=FILE.json) measured on data")
+    p.add_argument("--min-snr", type=float, metavar="DB",
+                   help="with --target-bpw or --max-error: the quality floor, no quantized tensor below DB dB "
+                        "SNR; a target met only below it is refused (default 15)")
+    p.add_argument("--allow-below-floor", action="store_true",
+                   help="let --target-bpw or --max-error go below the --min-snr floor")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="store a metadata entry in the file (repeatable)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -251,12 +259,19 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
     bits, overrides = _parse_bits(args.bits)
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".qpk")
+    sensitivity = None
+    if args.sensitivity is not None:
+        from .sensitivity import load_sensitivity
+
+        sensitivity = load_sensitivity(args.sensitivity)
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
                       min_numel=args.min_numel, prune=args.prune, exact_zero=args.exact_zero, rans=args.rans,
                       param_dtype=args.param_dtype,
                       target_bpw=args.target_bpw, max_error=args.max_error,
-                      allocate_granularity=args.allocate_granularity,
+                      allocate_granularity=args.allocate_granularity, sensitivity=sensitivity,
+                      allow_below_floor=args.allow_below_floor,
+                      **({} if args.min_snr is None else {"min_snr_db": args.min_snr}),
                       force=args.force, metadata=_parse_meta(args.meta),
                       trust_pickle=args.trust_pickle, progress=_progress_bar(args, "packing"))
     if args.json:
@@ -323,6 +338,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(format_table(header, rows, right={4, 6, 8, 9}))
     for key, value in sorted(report.metadata.items()):
         print(f"{key}: {value}")
+    if report.allocation is not None:
+        print(_allocation_line(report.allocation))
     print(f"total: {human_bytes(report.file_bytes)} file for {human_bytes(report.original_bytes)} of tensors "
           f"({100 * report.ratio:.1f} %, {report.original_bytes / max(report.file_bytes, 1):.2f}x smaller)")
     return 0
@@ -333,6 +350,17 @@ def _stat(value: float | None, spec: str) -> str:
     if value is None:
         return "-"
     return f"{value:{spec}}" if abs(value) < 1e9 else f"{value:.3g}"
+def _allocation_line(summary: dict[str, Any]) -> str:
+    """One line on what an allocation chose against: its limit, floor and predicted error."""
+    limit = (f"--target-bpw {summary['target_bpw']:g}" if summary.get("target_bpw") is not None
+             else f"--max-error {summary.get('max_error')}")
+    floor = summary.get("min_snr_db")
+    lowest = summary.get("lowest_snr_db")
+    below = summary.get("below_floor") or []
+    return (f"allocation: {limit}, {summary.get('objective')} objective, predicted error "
+            f"{summary.get('predicted_error')}, floor {'none' if floor is None else f'{floor:g} dB SNR'}"
+            f"{'' if lowest is None else f', lowest {lowest:.1f} dB'}"
+            f"{f', below the floor: {len(below)} tensor(s)' if below else ''}")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -136,6 +136,12 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
         if half is not None:
             params, param_dtype = half, "float16"
     indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length)
+    if not math.isfinite(noise):
+        # a level past the dtype's range (an --exact-zero grid widened past float16's 65504)
+        # would decode as Inf: the tensor is stored losslessly instead
+        raw = Decision("raw", 0, "tensor", f"its {bits}-bit grid overflows {dtype}: stored raw")
+        entry, stored, raw_row = encode_tensor(name, original, raw)
+        return entry, stored, raw_row
     width, compression, stored = _store_indices(indices, bits, counts, decision.rans)
     entry = TensorEntry(name, dtype, shape, decision.encoding, bits, decision.granularity,
                         _params_to_header(params, param_dtype, stored_params), compression=compression,
@@ -165,7 +171,10 @@ def storage_of(entry: TensorEntry) -> str:
 
 def snr_db(signal: float, noise: float) -> float | None:
     """10 log10(signal / noise): None when there is no error (or no signal) to speak of."""
-    return 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None
+    if not (noise > 0 and signal > 0):
+        return None
+    # as a difference of logs: signal / noise may underflow (or overflow) where each is finite
+    return 10 * (math.log10(signal) - math.log10(noise)) if math.isfinite(noise) else -math.inf
 
 
 def error_energy(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -267,8 +276,14 @@ def _quantize_blocks(codec: Any, tensor: torch.Tensor, original: torch.Tensor, p
         rebuilt = codec.dequantize(idx, block_params, bits, (end - start,), tensor.dtype, row_length)
         target = reference[start:end].to(torch.float32)
         error = rebuilt.to(torch.float32).sub_(target)  # exact: both sides are float32 values
-        signal += float(torch.dot(target, target))
-        noise += float(torch.dot(error, error))
+        block_signal, block_noise = float(torch.dot(target, target)), float(torch.dot(error, error))
+        if not (math.isfinite(block_signal) and math.isfinite(block_noise)):
+            # squares past float32's range (|w| >= about 1e18): the same sums in float64; Inf
+            # stays only where a rebuilt value itself is Inf
+            wide, wide_error = target.to(torch.float64), error.to(torch.float64)
+            block_signal, block_noise = float(wide.dot(wide)), float(wide_error.dot(wide_error))
+        signal += block_signal
+        noise += block_noise
         counts += np.bincount(idx.numpy(), minlength=1 << bits)
         indices[start:end] = idx
     return indices, counts, signal, noise

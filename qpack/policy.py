@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -12,7 +13,8 @@ from .dtypes import is_float_name, name_of_dtype
 from .errors import InputError
 from .prune import check_fraction
 
-__all__ = ["Policy", "Decision", "METHODS", "GRANULARITIES", "PARAM_DTYPES", "parse_granularity", "granularity_for"]
+__all__ = ["Policy", "Decision", "METHODS", "DEFAULT_MIN_SNR_DB", "GRANULARITIES", "PARAM_DTYPES", "parse_granularity",
+           "granularity_for"]
 
 METHODS = ("uniform", "kmeans")
 RANS_MODES = ("auto", "always", "never")
@@ -21,6 +23,17 @@ PARAM_DTYPES = ("auto", "float32", "float16", "uint8")
 GRANULARITIES = ("tensor", "channel", "group:G")
 MIN_GROUP, MAX_GROUP = 16, 65536
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+#: the allocation's default quality floor: 15 dB SNR is a relative RMS error of 0.178; below
+#: it a layer's output is mostly noise (trained MNIST networks broke at rel 0.4-0.8)
+DEFAULT_MIN_SNR_DB = 15.0
+#: Why a per-tensor grid switches to per channel: one grid's step is set by the widest
+#: channel, so a channel k times weaker (weight decay shrinks some filters of a trained
+#: ResNet; BatchNorm after the conv scales its output back up by about k) gets about k times
+#: the tensor's relative error, after BatchNorm as much as before. Random-like rows differ
+#: by well under 2x; at 4x a grid per channel (8 bytes per row) is worth it at any width.
+DEFAULT_CHANNEL_SPREAD = 4.0
+#: a channel this many times weaker than its tensor is dead (L1 or pruning), not shrunk
+DEAD_CHANNEL = 1000.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,17 @@ class Policy:
             also quantizes 1-D or small float tensors it matches.
         min_numel: float tensors with fewer elements stay raw (their parameters would cost
             more than they save).
+        min_snr_db: the quality floor of an allocation (``target_bpw``, ``max_error``): no
+            quantized tensor is given a candidate below this SNR (10 log10 of signal over
+            error energy; 15 dB by default, None for none); a target met only below it is
+            refused with the smallest target met above it.
+        allow_below_floor: let an allocation choose candidates below ``min_snr_db``.
+        channel_spread: with ``method="uniform"`` and ``granularity="tensor"``, a >= 2-D
+            tensor whose weakest (nonzero) channel has an RMS more than this many times below
+            the tensor's gets a grid per channel instead (one grid would give that channel
+            this many times the tensor's relative error, and a BatchNorm after it keeps it),
+            at 6 bits or more and if its rows hold at least 256 bits of indices; None keeps
+            one grid per tensor always. The only decision made from the values.
         prune: zero this fraction of smallest-magnitude weights in each quantized tensor
             (zero is then an exact level of its grid or codebook).
         exact_zero: give every grid or codebook an exact 0 level, as pruning does, without
@@ -96,8 +120,17 @@ class Policy:
     bits_by_name: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     #: exact tensor names -> granularity ("tensor", "channel", "group:G"), chosen the same way
     granularity_by_name: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: exact tensor names -> method ("uniform", "kmeans"), chosen the same way
+    method_by_name: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     #: the option that chose ``bits_by_name`` ("--max-error 0.01"), named in each tensor's reason
     allocation: str = ""
+    #: the quality floor of --target-bpw and --max-error, in dB SNR per quantized tensor (None: none)
+    min_snr_db: float | None = DEFAULT_MIN_SNR_DB
+    #: let the allocation go below ``min_snr_db`` (it is then only reported)
+    allow_below_floor: bool = False
+    #: a per-tensor uniform grid becomes one per channel for a >= 2-D tensor whose weakest
+    #: channel's RMS is this many times below the tensor's (None: never)
+    channel_spread: float | None = DEFAULT_CHANNEL_SPREAD
 
     def __post_init__(self) -> None:
         if self.prune is not None:
@@ -115,21 +148,34 @@ class Policy:
             raise InputError(f"unknown param dtype {self.param_dtype!r}; choose one of {', '.join(PARAM_DTYPES)}")
         if self.rans not in RANS_MODES:
             raise InputError(f"unknown rans mode {self.rans!r}; choose one of {', '.join(RANS_MODES)}")
+        if self.channel_spread is not None and (isinstance(self.channel_spread, bool) or not isinstance(
+                self.channel_spread, (int, float)) or not self.channel_spread >= 1):
+            raise InputError(f"channel_spread must be a number >= 1 or None, got {self.channel_spread!r}")
+        if self.min_snr_db is not None and (isinstance(self.min_snr_db, bool) or not isinstance(
+                self.min_snr_db, (int, float)) or not math.isfinite(self.min_snr_db)):
+            raise InputError(f"min_snr_db (--min-snr) must be a finite number of dB, got {self.min_snr_db!r}")
+        for _, method in self.method_by_name:
+            if method not in METHODS:
+                raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if not isinstance(self.min_numel, int) or self.min_numel < 1:
             raise InputError(f"min_numel must be a positive integer, got {self.min_numel!r}")
 
     def decide(self, name: str, tensor: torch.Tensor) -> Decision:
-        """The decision for one tensor, from its name, dtype and shape (not its values)."""
+        """The decision for one tensor, from its name, dtype and shape (and, for
+        ``channel_spread``, its channels' RMS)."""
         decision = self._decide(name, tensor)
         if decision.encoding == "raw":
             return decision
         decision = replace(decision, exact_zero=self.exact_zero, rans=self.rans)  # codec options, for every quantized tensor
-        bits, granularity = self._allocated[0].get(name), self._allocated[1].get(name)
-        if bits is None and granularity is None:
+        bits, granularity, method = (chosen.get(name) for chosen in self._allocated)
+        if bits is None and granularity is None and method is None:
             return self._with_param_dtype(decision)
         chose = []
+        if method is not None and method != decision.encoding:
+            decision, chose = replace(decision, encoding=method), [method]
         if bits is not None:
-            decision, chose = replace(decision, bits=bits), [f"{bits} bits"]
+            decision = replace(decision, bits=bits)
+            chose.append(f"{bits} bits")
         if granularity is not None:
             kind, group_size = granularity_for(granularity, tensor)
             decision = replace(decision, granularity=kind, group_size=group_size)
@@ -144,9 +190,9 @@ class Policy:
         return replace(decision, param_dtype=param_dtype)
 
     @functools.cached_property
-    def _allocated(self) -> tuple[dict[str, int], dict[str, str]]:
+    def _allocated(self) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
         # built once, not per tensor: a checkpoint may hold thousands of names
-        return dict(self.bits_by_name), dict(self.granularity_by_name)
+        return dict(self.bits_by_name), dict(self.granularity_by_name), dict(self.method_by_name)
 
     def _decide(self, name: str, tensor: torch.Tensor) -> Decision:
         dtype_name = name_of_dtype(tensor.dtype)
@@ -165,10 +211,32 @@ class Policy:
         if tensor.dim() >= 2:
             if tensor.numel() < self.min_numel:
                 return Decision("raw", 0, "tensor", f"small (< {self.min_numel} elements)")
+            # 6 bits or more (below, granularity is a size trade the user or the allocation
+            # makes), and rows long enough that 8 bytes of grid stay within a quarter of their indices
+            wide = self.bits >= 6 and tensor.numel() // tensor.shape[0] * self.bits >= 256
+            if kind == "tensor" and self.method == "uniform" and self.channel_spread is not None and wide:
+                spread = channel_spread(tensor)
+                if spread > self.channel_spread:
+                    return Decision(self.method, self.bits, "channel", f"weight; a channel {spread:.0f}x weaker "
+                                    "than the tensor: a grid per channel", 0, self.prune)
             return Decision(self.method, self.bits, kind, "weight", group_size, self.prune)
         if self.bias_bits is not None:
             return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)")
         return Decision("raw", 0, "tensor", "1-D (bias or norm)")
+
+
+def channel_spread(tensor: torch.Tensor) -> float:
+    """The tensor's RMS over its weakest nonzero channel's (slices along dim 0); 1 for fewer
+    than two such channels, or when some channel is dead (more than ``DEAD_CHANNEL`` times
+    weaker, or all zeros: L1-trained or pruned weights, where one grid and entropy-coded
+    indices cost least and a grid per channel would spend bits on the dead ones); NaN or Inf
+    for non-finite values."""
+    if tensor.dim() < 2 or tensor.shape[0] < 2 or tensor.numel() == 0:
+        return 1.0
+    squares = torch.linalg.vector_norm(tensor.reshape(tensor.shape[0], -1), dim=1, dtype=torch.float64) ** 2
+    row = tensor.numel() // tensor.shape[0]
+    spread = math.sqrt(float(squares.sum()) / tensor.numel() / max(float(squares.min()) / row, 1e-300))
+    return 1.0 if spread > DEAD_CHANNEL else spread
 
 
 def parse_granularity(text: str) -> tuple[str, int]:

@@ -11,15 +11,22 @@ the allocator's cost, weight * numel * rel_rms^2, proportional to the loss incre
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Iterable
+from numbers import Real
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InputError
 
-__all__ = ["measure_sensitivity", "MIN_WEIGHT"]
+__all__ = ["measure_sensitivity", "load_sensitivity", "save_sensitivity", "MIN_WEIGHT", "FILE_KIND"]
+
+#: the "kind" of a sensitivity file (JSON: {"kind": FILE_KIND, "version": 1, "weights": {name: weight}})
+FILE_KIND = "qpack.sensitivity"
 
 #: the least weight, as a fraction of the mean: a tensor the batches do not reach (or whose
 #: gradient vanishes on them) still costs something, so it is not cut to one bit for free
@@ -27,7 +34,8 @@ MIN_WEIGHT = 1e-3
 
 
 def measure_sensitivity(model: torch.nn.Module, batches: Iterable[tuple[Any, Any]],
-                        loss_fn: Callable[[Any, Any], torch.Tensor]) -> dict[str, float]:
+                        loss_fn: Callable[[Any, Any], torch.Tensor], *,
+                        path: str | os.PathLike[str] | None = None) -> dict[str, float]:
     """Sensitivity weights of a model's parameters, from the gradients on calibration batches.
 
     Runs ``loss_fn(model(inputs), targets)`` on each batch in eval mode (no dropout; BatchNorm
@@ -47,6 +55,8 @@ def measure_sensitivity(model: torch.nn.Module, batches: Iterable[tuple[Any, Any
         batches: an iterable of ``(inputs, targets)`` pairs; ``model(inputs)`` is called.
         loss_fn: ``loss_fn(outputs, targets)`` -> a scalar tensor, e.g.
             ``torch.nn.functional.cross_entropy``.
+        path: also write the weights there as JSON (:func:`save_sensitivity`), for
+            ``qpack pack --sensitivity FILE.json``.
 
     Returns:
         ``{state_dict name: weight}`` for every floating-point parameter (tied parameters
@@ -85,7 +95,57 @@ def measure_sensitivity(model: torch.nn.Module, batches: Iterable[tuple[Any, Any
                          "sensitivity cannot be measured from them")
     floored = [max(w, MIN_WEIGHT * mean) for w in weights]
     scale = len(floored) / sum(floored)
-    return {name: w * scale for (name, _), w in zip(named, floored)}
+    result = {name: w * scale for (name, _), w in zip(named, floored)}
+    if path is not None:
+        save_sensitivity(result, path)
+    return result
+
+
+def save_sensitivity(weights: dict[str, float], path: str | os.PathLike[str]) -> Path:
+    """Write sensitivity weights as the JSON file ``qpack pack --sensitivity`` reads (atomically)."""
+    from .writer import atomic_output
+
+    path = Path(path)
+    text = json.dumps({"kind": FILE_KIND, "version": 1, "weights": _checked(weights, str(path))}, indent=1,
+                      sort_keys=True)
+    with atomic_output(path, overwrite=True) as handle:
+        handle.write(text.encode() + b"\n")
+    return path
+
+
+def load_sensitivity(path: str | os.PathLike[str]) -> dict[str, float]:
+    """Read a sensitivity file written by :func:`save_sensitivity` (or ``measure_sensitivity(path=)``).
+
+    Raises:
+        InputError: a missing or unreadable file, not JSON, not a sensitivity file, or a weight
+            that is not a finite number >= 0 (one line, naming the file).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such sensitivity file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the sensitivity file ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{path}: not a JSON sensitivity file ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != FILE_KIND or not isinstance(doc.get("weights"), dict):
+        raise InputError(f"{path}: not a qpack sensitivity file (expected a JSON object with \"kind\": "
+                         f"\"{FILE_KIND}\" and \"weights\"; write one with qpack.measure_sensitivity(..., path=...))")
+    if doc.get("version") != 1:
+        raise InputError(f"{path}: sensitivity file version {doc.get('version')!r}; this qpack reads version 1")
+    return _checked(doc["weights"], str(path))
+
+
+def _checked(weights: dict[Any, Any], where: str) -> dict[str, float]:
+    for name, weight in weights.items():
+        if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, Real) \
+                or not math.isfinite(weight) or weight < 0:
+            raise InputError(f"{where}: the sensitivity of {name!r} must be a finite number >= 0, got {weight!r}")
+    if not weights:
+        raise InputError(f"{where}: the sensitivity file names no tensor")
+    return {name: float(weight) for name, weight in weights.items()}
 
 
 def _squared_gradients(model: torch.nn.Module, params: list[torch.nn.Parameter],

@@ -30,13 +30,14 @@ from .format import (
     TensorEntry,
     align,
     encode_header,
+    fixed_bytes,
     metadata_problem,
     name_problem,
     pack_preamble,
     parse_header,
 )
 
-__all__ = ["QpkWriter", "atomic_output"]
+__all__ = ["QpkWriter", "atomic_output", "planned_file_bytes"]
 
 _ZEROS = bytes(64)
 _COPY_CHUNK = 16 * 1024 * 1024
@@ -150,6 +151,16 @@ class QpkWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def planned_file_bytes(entries: list[TensorEntry], metadata: dict[str, str], version: int = VERSION) -> int:
+    """The size of the file ``finish`` would write for these entries (offsets, lengths and
+    crc32 filled, payloads laid out as ``add`` lays them out) and this metadata.
+
+    The allocation plans with it, so that every byte of the header, of the alignment and of
+    the lossless tensors is counted as the writer counts it.
+    """
+    return fixed_bytes(entries, metadata, version) + sum(e.length for e in entries)
 
 
 def check_output_path(path: Path, overwrite: bool) -> None:

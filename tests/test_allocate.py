@@ -23,7 +23,22 @@ def state_dict():
 
 
 def weighted_error(report):
-    return sum((r.rel_rms or 0) ** 2 * (r.original_bytes // 4) for r in report.tensors if r.encoding != "raw")
+    """The default objective: rel^2 summed per layer, the first and last quantized tensors weighted more."""
+    from qpack.allocate import EDGE_WEIGHT
+
+    rows = [r for r in report.tensors if r.encoding != "raw"]
+    weights = [EDGE_WEIGHT if i in (0, len(rows) - 1) else 1.0 for i in range(len(rows))]
+    return sum(w * (r.rel_rms or 0) ** 2 for w, r in zip(weights, rows))
+
+
+def options_bytes(path):
+    return len(qpack.info(path).metadata["qpack.options"])
+
+
+def fits_beside(same, chosen, target, state):
+    """A fixed setting's file fits the target even with the allocated file's longer options record."""
+    extra = options_bytes(chosen.path) - options_bytes(same.path)
+    return (same.file_bytes + extra) * 8 / sum(t.numel() for t in state.values()) <= target
 
 
 def bits_per_weight(report, state):
@@ -33,31 +48,42 @@ def bits_per_weight(report, state):
 @pytest.mark.parametrize("target", [1.5, 2.5, 4.0])
 def test_meets_the_target_and_beats_one_width_for_all(tmp_path, target):
     state = state_dict()
-    chosen = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target)
+    chosen = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target, allow_below_floor=True)
     assert bits_per_weight(chosen, state) <= target
     rows = {r.name: r for r in chosen.tensors}
     assert f"--target-bpw {target} chose" in rows["big.weight"].reason
-    # no single width for every tensor that fits the same budget (with the small margin the
-    # allocator keeps for the header it cannot see yet) has less total error
+    # no single width for every tensor that fits the same budget (the header counted
+    # exactly: only the allocated file's longer options record is a margin) has less error
+    compared = 0
     for bits in range(1, 9):
         same = qpack.pack(state, tmp_path / f"b{bits}.qpk", bits=bits, force=True)
-        if bits_per_weight(same, state) <= target - 0.05:
+        if fits_beside(same, chosen, target, state):
+            compared += 1
             assert weighted_error(chosen) <= weighted_error(same) * 1.0001
+    assert compared
 
 
 def test_info_shows_the_choice(tmp_path):
     state = state_dict()
-    qpack.pack(state, tmp_path / "t.qpk", target_bpw=2.5, method="kmeans")
+    packed = qpack.pack(state, tmp_path / "t.qpk", target_bpw=4.0, method="kmeans")
     described = qpack.info(tmp_path / "t.qpk")
     widths = {t.name: t.bits for t in described.tensors if t.encoding != "raw"}
+    assert widths == {t.name: t.bits for t in packed.tensors if t.encoding != "raw"}
+    assert len(set(widths.values())) > 1
     options = json.loads(described.metadata["qpack.options"])
-    assert widths and options["allocated_bits"] == widths and options["target_bpw"] == 2.5
+    assert options["target_bpw"] == 4.0 and "allocated_bits" not in options  # the entries hold the choice
+    summary = described.allocation
+    assert summary == packed.allocation and summary["min_snr_db"] == 15.0 and summary["objective"] == "per-layer"
+    assert summary["lowest_snr_db"] >= 15.0 and summary["below_floor"] == []
+    assert summary["predicted_error"] == pytest.approx(
+        math.sqrt(weighted_error(described) / (2 * 4.0 + 1)), rel=1e-3)  # three tensors, two at the edges
 
 
 def test_sensitivity_buys_bits(tmp_path):
     state = state_dict()
-    plain = qpack.pack(state, tmp_path / "a.qpk", target_bpw=2.0)
-    careful = qpack.pack(state, tmp_path / "b.qpk", target_bpw=2.0, sensitivity={"mid.weight": 1000.0})
+    plain = qpack.pack(state, tmp_path / "a.qpk", target_bpw=2.0, allow_below_floor=True)
+    careful = qpack.pack(state, tmp_path / "b.qpk", target_bpw=2.0, sensitivity={"mid.weight": 1000.0},
+                         allow_below_floor=True)
     bits = lambda report, name: next(r.bits for r in report.tensors if r.name == name)  # noqa: E731
     assert bits(careful, "mid.weight") >= bits(plain, "mid.weight")
     assert bits(careful, "mid.weight") >= 6
@@ -65,7 +91,7 @@ def test_sensitivity_buys_bits(tmp_path):
 
 def test_impossible_target_is_a_clear_error(tmp_path):
     with pytest.raises(qpack.InputError, match="target-bpw"):
-        qpack.pack(state_dict(), tmp_path / "t.qpk", target_bpw=0.05)
+        qpack.pack(state_dict(), tmp_path / "t.qpk", target_bpw=0.05, allow_below_floor=True)
     assert not (tmp_path / "t.qpk").exists()
     for bad in [0, -1, "x"]:
         with pytest.raises(qpack.InputError):
@@ -75,9 +101,15 @@ def test_impossible_target_is_a_clear_error(tmp_path):
 # -- --max-error: the smallest file within an error bound ---------------------------------------
 
 def overall_error(report, sensitivity=None):
-    """sqrt(sum s n rel^2 / sum s n) over the quantized tensors, from the rows' rel_rms."""
+    """The predicted error from the rows' rel_rms: per layer (edges weighted more) by default,
+    sqrt(sum s n rel^2 / sum s n) with a sensitivity."""
+    from qpack.allocate import EDGE_WEIGHT
+
     rows = [r for r in report.tensors if r.encoding != "raw"]
-    weights = [(sensitivity or {}).get(r.name, 1.0) * math.prod(r.shape) for r in rows]
+    if sensitivity is None:
+        weights = [EDGE_WEIGHT if i in (0, len(rows) - 1) else 1.0 for i in range(len(rows))]
+    else:
+        weights = [sensitivity.get(r.name, 1.0) * math.prod(r.shape) for r in rows]
     return math.sqrt(sum(w * r.rel_rms ** 2 for w, r in zip(weights, rows)) / sum(weights))
 
 
@@ -88,7 +120,7 @@ def payload_bytes(report):
 @pytest.mark.parametrize("bound", [0.025, 0.1, 0.15, 0.4])
 def test_max_error_meets_the_bound_and_beats_one_width_for_all(tmp_path, bound):
     state = state_dict()
-    chosen = qpack.pack(state, tmp_path / "e.qpk", max_error=bound)
+    chosen = qpack.pack(state, tmp_path / "e.qpk", max_error=bound, allow_below_floor=True)
     assert overall_error(qpack.info(tmp_path / "e.qpk")) <= bound * (1 + 1e-9)  # the file's own stats
     assert f"--max-error {bound} chose" in next(r.reason for r in chosen.tensors if r.name == "big.weight")
     met = 0
@@ -111,7 +143,9 @@ def test_max_error_with_sensitivity_weighs_the_bound(tmp_path):
     assert bits["mid.weight"] > next(r.bits for r in plain.tensors if r.name == "mid.weight")
     options = json.loads(qpack.info(tmp_path / "b.qpk").metadata["qpack.options"])
     assert options["max_error"] == 0.1 and options["target_bpw"] is None
-    assert options["allocated_bits"] == {k: v for k, v in bits.items() if k != "small.bias"}
+    assert options["allocation"]["objective"] == "sensitivity"
+    assert qpack.info(tmp_path / "b.qpk").allocation["predicted_error"] == pytest.approx(
+        overall_error(careful, weights), rel=1e-3)
 
 
 def test_max_error_bad_values_and_impossible_bound(tmp_path):
@@ -136,9 +170,12 @@ def test_max_error_on_the_command_line(tmp_path):
     rows = [r for r in doc["tensors"] if r["encoding"] != "raw"]
     assert len({r["bits"] for r in rows}) > 1  # a choice per tensor, not one width
     options = json.loads(doc["metadata"]["qpack.options"])
-    assert options["max_error"] == 0.1 and options["allocated_bits"] == {r["name"]: r["bits"] for r in rows}
-    weights = [math.prod(r["shape"]) for r in rows]
+    assert options["max_error"] == 0.1 and doc["allocation"]["max_error"] == 0.1
+    assert doc["allocation"]["predicted_error"] <= 0.1 and doc["allocation"]["min_snr_db"] == 15.0
+    assert doc["allocation"]["lowest_snr_db"] >= 15.0
+    weights = [4.0 if i in (0, len(rows) - 1) else 1.0 for i in range(len(rows))]
     assert math.sqrt(sum(w * r["rel_rms"] ** 2 for w, r in zip(weights, rows)) / sum(weights)) <= 0.1
+    assert "allocation: --max-error 0.1, per-layer objective" in run("info", "e.qpk", cwd=tmp_path).stdout
 
 
 # -- the allocator against an exhaustive search -------------------------------------------------
@@ -159,7 +196,7 @@ def test_allocation_is_near_the_exhaustive_optimum(minimise, limited):
     optimal, worst = 0, 0.0
     for _ in range(60):
         trials = random_trials(rng, int(rng.integers(2, 5)))
-        table = np.array([[t._replace(granularity=0) for t in row] for row in trials.values()],
+        table = np.array([[(t.bits, 0, t.size, t.cost) for t in row] for row in trials.values()],
                          dtype=np.float64)  # tensors x widths x (bits, granularity, size, cost)
         every = np.array(list(itertools.product(range(len(CANDIDATE_BITS)), repeat=len(trials))))
         rows = np.arange(len(trials))
@@ -168,8 +205,9 @@ def test_allocation_is_near_the_exhaustive_optimum(minimise, limited):
         fits = table[rows, every, limited].sum(axis=1) <= limit
         best = table[rows, every[fits], minimise].sum(axis=1).min()
         choice = _allocate(trials, minimise, limited, limit)
-        assert sum(t[limited] for t in choice.values()) <= limit
-        found = sum(t[minimise] for t in choice.values())
+        picked = [trials[name][column] for name, column in choice.items()]
+        assert sum(t[limited] for t in picked) <= limit
+        found = sum(t[minimise] for t in picked)
         optimal += found <= best * (1 + 1e-12)
         worst = max(worst, found / best)
     assert optimal >= 50 and worst < 1.1, (optimal, worst)
@@ -200,17 +238,18 @@ def granularities(report):
 @pytest.mark.parametrize("target", [3.0, 4.0])
 def test_channel_where_it_pays_and_never_worse_than_one_choice_for_all(tmp_path, target):
     state = granular_state()
-    chosen = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target)
+    chosen = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target, allow_below_floor=True)
     assert granularities(chosen) == {"shifted.weight": "channel", "even.weight": "tensor"}
     assert "chose" in chosen.tensors[0].reason and "channel granularity" in chosen.tensors[0].reason
-    per_tensor = qpack.pack(state, tmp_path / "p.qpk", target_bpw=target, allocate_granularity="tensor")
+    per_tensor = qpack.pack(state, tmp_path / "p.qpk", target_bpw=target, allocate_granularity="tensor",
+                            allow_below_floor=True)
     assert set(granularities(per_tensor).values()) == {"tensor"}
     assert bits_per_weight(chosen, state) <= target and bits_per_weight(per_tensor, state) <= target
     assert weighted_error(chosen) < weighted_error(per_tensor) * 0.95
     compared = 0
     for bits, granularity in itertools.product(CANDIDATE_BITS, ("tensor", "channel")):
         same = qpack.pack(state, tmp_path / "s.qpk", bits=bits, granularity=granularity, force=True)
-        if bits_per_weight(same, state) <= target - 0.1:  # the margin the header estimate keeps
+        if fits_beside(same, chosen, target, state):
             compared += 1
             assert weighted_error(chosen) <= weighted_error(same) * 1.0001, (bits, granularity)
     assert compared >= 4
@@ -219,13 +258,11 @@ def test_channel_where_it_pays_and_never_worse_than_one_choice_for_all(tmp_path,
 def test_granularity_round_trips_through_the_command_line(tmp_path):
     torch.save(granular_state(), tmp_path / "model.pt")
     run("pack", "model.pt", "--target-bpw", "3", "--allocate-granularity", "tensor, channel,group:64",
-        "-o", "t.qpk", cwd=tmp_path)
+        "--allow-below-floor", "-o", "t.qpk", cwd=tmp_path)
     doc = json.loads(run("info", "t.qpk", "--json", cwd=tmp_path).stdout)
     options = json.loads(doc["metadata"]["qpack.options"])
     assert options["allocate_granularity"] == ["tensor", "channel", "group:64"]
-    allocated = options["allocated_granularity"]
-    assert {r["name"]: r["granularity"] for r in doc["tensors"]} == {
-        name: text.partition(":")[0] for name, text in allocated.items()}
+    allocated = {r["name"]: r["granularity"] for r in doc["tensors"]}
     assert allocated["even.weight"] == "tensor" and allocated["shifted.weight"] != "tensor"
     assert "uniform/channel" in run("info", "t.qpk", cwd=tmp_path).stdout or allocated["shifted.weight"] != "channel"
     # each tensor decodes with its own granularity: the loaded error is the one its header states
@@ -261,3 +298,183 @@ def test_bad_allocate_granularity_is_a_one_line_usage_error(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "t.qpk").exists()
+
+
+# -- the objective, the quality floor and the budget ----------------------------------------------
+
+def lenet_like():
+    """A small first layer (150 weights) and a small last one (840) around a big middle, like LeNet-5."""
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    heavy_tailed = torch.distributions.Laplace(0.0, 0.05).sample((120, 400))  # its bits cost the most
+    return {"c1.weight": torch.randn(6, 1, 5, 5, generator=gen) * 0.3, "c1.bias": torch.zeros(6),
+            "c5.weight": heavy_tailed,
+            "f6.weight": torch.randn(84, 120, generator=gen) * 0.1,
+            "out.weight": torch.randn(10, 84, generator=gen) * 0.2}
+
+
+def test_small_input_and_output_layers_are_not_sacrificed(tmp_path):
+    # summing numel * rel^2 gave such layers 2 bits at rel 0.4-0.6 (a broken model): per layer,
+    # their bits are cheap, so they end up at least as accurate as the big layer
+    state = lenet_like()
+    report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=3.5)  # the old objective: c1 3 bits, rel 0.22
+    rel = {r.name: r.rel_rms for r in report.tensors if r.encoding != "raw"}
+    assert bits_per_weight(report, state) <= 3.5
+    assert max(rel["c1.weight"], rel["out.weight"]) < rel["c5.weight"] / 2, rel
+    assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= 15.0
+
+
+def test_the_plan_is_the_file(tmp_path):
+    """The budget counts the header, alignment and lossless tensors as the writer writes them:
+    what the allocation planned (fixed bytes + the quantized tensors') is the file's size."""
+    import re
+
+    state = lenet_like()
+    elements = sum(t.numel() for t in state.values())
+    for target in (4.0, 5.5):
+        report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target, force=True)
+        note = next(n for n in report.notes if n.startswith("budget:"))
+        budget, fixed, left, used = (int(x.replace(",", "")) for x in re.findall(r"[\d,]{2,}", note))
+        assert budget == int(target * elements / 8) and left == budget - fixed
+        assert fixed + used == report.file_bytes <= budget
+
+
+def test_a_target_met_only_below_the_floor_is_refused(tmp_path, capsys):
+    from qpack import cli
+
+    state = lenet_like()
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(qpack.InputError, match=r"below the quality floor of 15 dB SNR; the smallest target "
+                                               r"that keeps every one above it is (\d+\.\d\d) bits per weight"):
+        qpack.pack(state, tmp_path / "t.qpk", target_bpw=1.5)
+    assert not (tmp_path / "t.qpk").exists()
+    code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "t.qpk"), "--target-bpw", "1.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "t.qpk").exists(), err
+    feasible = float(err.split("above it is ")[1].split()[0])
+    assert 1.5 < feasible < 8
+    # the target it names is met, above the floor
+    report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=feasible)
+    assert bits_per_weight(report, state) <= feasible
+    assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= 15.0
+    # an explicit flag goes below it (and says so); a lower floor moves the limit
+    below = qpack.pack(state, tmp_path / "b.qpk", target_bpw=1.5, allow_below_floor=True)
+    assert below.allocation["below_floor"] and any(n.startswith("below the quality floor") for n in below.notes)
+    assert cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "c.qpk"), "--target-bpw",
+                     str(feasible - 0.3), "--min-snr", "5", "-q"]) == 0
+    assert qpack.info(tmp_path / "c.qpk").allocation["min_snr_db"] == 5.0
+    with pytest.raises(qpack.InputError, match="min_snr_db"):
+        qpack.pack(state, tmp_path / "d.qpk", target_bpw=4.0, min_snr_db=float("nan"))
+    with pytest.raises(qpack.InputError, match="unknown packing option 'min_snr'"):
+        qpack.pack(state, tmp_path / "d.qpk", target_bpw=4.0, min_snr=3)
+
+
+def test_sensitivity_file_from_the_api_to_the_command_line(tmp_path, capsys):
+    from qpack import cli
+    from qpack.sensitivity import load_sensitivity
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    batches = [(torch.randn(16, 20), torch.randint(0, 4, (16,))) for _ in range(3)]
+    weights = qpack.measure_sensitivity(model, batches, torch.nn.functional.cross_entropy,
+                                        path=tmp_path / "s.json")
+    assert load_sensitivity(tmp_path / "s.json") == pytest.approx(weights)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "t.qpk"), "--max-error", "0.05",
+                     "--sensitivity", str(tmp_path / "s.json"), "--min-numel", "1", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert qpack.info(tmp_path / "t.qpk").allocation["objective"] == "sensitivity"
+    bad = {"missing.json": None, "text.json": "not json", "list.json": "[1, 2]",
+           "kind.json": '{"kind": "other", "version": 1, "weights": {}}',
+           "negative.json": '{"kind": "qpack.sensitivity", "version": 1, "weights": {"0.weight": -1}}',
+           "version.json": '{"kind": "qpack.sensitivity", "version": 9, "weights": {"0.weight": 1}}',
+           "unknown.json": '{"kind": "qpack.sensitivity", "version": 1, "weights": {"module.0.weight": 1}}'}
+    for name, text in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "u.qpk"), "--target-bpw", "6",
+                         "--sensitivity", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert not (tmp_path / "u.qpk").exists()
+
+
+# -- the packer on extreme values and edge inputs (issue 13, item 4) -------------------------------
+
+def test_target_bpw_on_huge_values_returns_with_honest_errors(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.rand(95, 63, generator=gen) * 2 - 1) * 1e20  # squares overflow float32
+    report = qpack.pack({"w": w}, tmp_path / "t.qpk", target_bpw=5.0)
+    row = report.tensors[0]
+    loaded = qpack.load(tmp_path / "t.qpk")["w"]
+    measured = float((loaded.double() - w.double()).norm() / w.double().norm())
+    assert row.rel_rms == pytest.approx(measured, rel=1e-3) and row.rel_rms < 0.2
+    assert bits_per_weight(report, {"w": w}) <= 5.0
+
+
+def test_exact_zero_grid_past_float16_range_is_stored_losslessly(tmp_path):
+    w = torch.tensor([-39008, -31008, 32992, -28992, -2000, 63008], dtype=torch.float16)
+    report = qpack.pack({"w": w}, tmp_path / "t.qpk", bits=2, exact_zero=True, min_numel=1, bias_bits=2)
+    assert report.tensors[0].encoding == "raw" and "overflows float16" in report.tensors[0].reason
+    assert torch.equal(qpack.load(tmp_path / "t.qpk")["w"], w)
+    from qpack.encoder import snr_db
+
+    assert snr_db(1.0, math.inf) == -math.inf and snr_db(1e-300, 1e300) < -1000  # no math domain error
+
+
+@pytest.mark.parametrize("limit", [{"target_bpw": 4.0}, {"max_error": 0.1}])
+def test_nothing_to_quantize_is_a_clear_error(tmp_path, capsys, limit):
+    from qpack import cli
+
+    with pytest.raises(qpack.InputError, match="no tensor here can be quantized"):
+        qpack.pack({"steps": torch.arange(10)}, tmp_path / "t.qpk", **limit)
+    torch.save({"steps": torch.arange(10)}, tmp_path / "model.pt")
+    option = "--target-bpw" if "target_bpw" in limit else "--max-error"
+    code = cli.main(["pack", str(tmp_path / "model.pt"), "-o", str(tmp_path / "t.qpk"), option,
+                     str(next(iter(limit.values())))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no tensor here can be quantized" in err
+    assert not (tmp_path / "t.qpk").exists()
+
+
+# -- the default -b 8: a channel much weaker than its tensor gets its own grid (issue 11, item 5) --
+
+def weak_channel_conv():
+    """A trained-ResNet-like conv: weight decay has shrunk some filters 30x (BatchNorm after
+    the conv scales their outputs back up), the rest are alike."""
+    gen = torch.Generator().manual_seed(2)
+    scale = torch.ones(32)
+    scale[::8] = 1 / 30
+    return torch.randn(32, 16, 3, 3, generator=gen) * 0.1 * scale[:, None, None, None]
+
+
+def after_batchnorm(weight, rebuilt):
+    """Per output channel, the relative error of conv + BatchNorm (each channel normalised to
+    unit variance over a batch, as BatchNorm's running statistics do)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 16, 8, 8, generator=gen)
+    y, z = (torch.nn.functional.conv2d(x, w) for w in (weight, rebuilt))
+    std = y.std(dim=(0, 2, 3), keepdim=True)
+    return ((z - y) / std).pow(2).mean(dim=(0, 2, 3)).sqrt()
+
+
+def test_a_weak_channel_gets_its_own_grid_at_the_default_setting(tmp_path):
+    weight = weak_channel_conv()
+    state = {"conv.weight": weight}
+    one_grid = qpack.pack(state, tmp_path / "t.qpk", channel_spread=None)
+    assert one_grid.tensors[0].granularity == "tensor"
+    worst_one_grid = float(after_batchnorm(weight, qpack.load(tmp_path / "t.qpk")["conv.weight"]).max())
+    default = qpack.pack(state, tmp_path / "d.qpk")  # -b 8, per tensor unless a channel is this weak
+    assert default.tensors[0].granularity == "channel" and "30x weaker" in default.tensors[0].reason
+    worst_default = float(after_batchnorm(weight, qpack.load(tmp_path / "d.qpk")["conv.weight"]).max())
+    # the mechanism: one grid gives the weak channels ~30x the tensor's error, and BatchNorm keeps it
+    assert one_grid.tensors[0].rel_rms < 0.01 and worst_one_grid > 0.05
+    assert worst_default < worst_one_grid / 10 and worst_default < 0.01
+    # 8 bytes of grid a channel, and the weak channels' indices now carry information
+    assert default.file_bytes <= one_grid.file_bytes * 1.2
+    # random-like channels, an explicit granularity and short rows keep what they had
+    gen = torch.Generator().manual_seed(4)
+    for tensor, options in [(torch.randn(64, 40, generator=gen), {}), (weight, {"granularity": "group:64"}),
+                            (weak_channel_conv().reshape(-1, 2)[:, :1], {})]:
+        report = qpack.pack({"w": tensor}, tmp_path / "o.qpk", force=True, **options)
+        assert report.tensors[0].granularity == options.get("granularity", "tensor").partition(":")[0]

@@ -81,8 +81,10 @@ def test_sensitive_tensors_get_more_bits(tmp_path, limit):
     model, batches = model_and_batches()
     weights = qpack.measure_sensitivity(model, batches, F.cross_entropy)
     state = model.state_dict()
-    plain = {r.name: r.bits for r in qpack.pack(state, tmp_path / "a.qpk", **limit).tensors}
-    careful = {r.name: r.bits for r in qpack.pack(state, tmp_path / "b.qpk", sensitivity=weights, **limit).tensors}
+    # below the quality floor allowed: the measured weights may sacrifice the quiet layer
+    plain = {r.name: r.bits for r in qpack.pack(state, tmp_path / "a.qpk", allow_below_floor=True, **limit).tensors}
+    careful = {r.name: r.bits for r in qpack.pack(state, tmp_path / "b.qpk", sensitivity=weights,
+                                                  allow_below_floor=True, **limit).tensors}
     assert careful["loud.weight"] > careful["quiet.weight"]
     # the layers are alike but for their scale in the output: the weights widen the gap
     assert careful["loud.weight"] - careful["quiet.weight"] > plain["loud.weight"] - plain["quiet.weight"]
