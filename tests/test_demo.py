@@ -203,7 +203,9 @@ def test_small_run_reaches_sane_accuracy(small_run: SmallRun) -> None:
     for model in results["models"]:
         fp32 = _rows(results, model)[0]
         assert fp32["method"] == "fp32" and fp32["file"] == f"{model}/fp32.pt"
-        assert fp32["accuracy"] > 0.5  # L1 (the seed's recipe) slows the LeNets, which have no BatchNorm
+        # 600 images, 4 epochs: the seed CNN (BatchNorm, Adam) gets going; the LeNets' SGD at
+        # Caffe's lr 0.01 has had 38 steps (chance is 0.1)
+        assert fp32["accuracy"] > (0.5 if model == "seed" else 0.25), model
         assert results["models"][model]["fp32"]["accuracy"] == fp32["accuracy"]
 
 
@@ -363,7 +365,9 @@ def test_cli_digits_fallback(
     monkeypatch.setenv("QPACK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the demo keeps the autouse fixture's one thread
-    argv = ["--quick", "--model", "lenet300", "--bits", "2", "--split-test", "1000", "--no-plots", "--out", str(out)]
+    # Caffe's SGD (lr 0.01) needs more than --quick's one epoch (16 steps here) to get going
+    argv = ["--quick", "--epochs", "4", "--model", "lenet300", "--bits", "2", "--split-test", "1000", "--no-plots",
+            "--out", str(out)]
     assert _main(argv) == 0
     text = capsys.readouterr().out
     assert "scikit-learn's 8x8 handwritten digits" in text
@@ -371,7 +375,8 @@ def test_cli_digits_fallback(
     assert results["config"]["models"] == ["lenet300"] and {r["model"] for r in results["rows"]} == {"lenet300"}
     assert results["data"]["source"] == "sklearn-digits"
     assert results["data"]["train"]["count"] == 1000 and results["data"]["eval"]["count"] == 797
-    assert results["config"]["epochs"] == 1 and results["config"]["bits"] == [2]
+    assert results["config"]["epochs"] == 4 and results["config"]["bits"] == [2]
+    assert results["config"]["train_limit"] == 6000 and results["config"]["prune_rounds"] == 1
     assert results["rows"][0]["accuracy"] > 0.3
     assert "sklearn.datasets.load_digits[1000:1797]" in text
 
