@@ -1054,7 +1054,7 @@ def write_plots(results: dict[str, Any], out: Path, *, log: Log | None = None) -
         folder = out / Path(part["fp32"]["file"]).parent
         fp32 = rows[0]
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10.5, 4.8))
         for method, style in (("uniform", "o-"), ("kmeans", "s-")):
             sweep = [r for r in rows if r.get("sweep") and r["method"] == method]
             if sweep:
@@ -1092,12 +1092,12 @@ def write_plots(results: dict[str, Any], out: Path, *, log: Log | None = None) -
         ax.set_xlabel("bits per parameter (file bytes x 8 / parameters; 32 / this = ratio to fp32 weights)")
         ax.set_ylabel("test accuracy (%)")
         low = min(100 * r["accuracy"] for r in rows)
-        bottom = min(max(low - 2, 100 * fp32["accuracy"] - 6, 0), *(m - 0.5 for m in marked))
-        ax.set_ylim(bottom, min(100.0, max(100 * fp32["accuracy"] + 2, *(m + 0.5 for m in marked))))
+        bottom = min([max(low - 2, 100 * fp32["accuracy"] - 6, 0), *(m - 0.5 for m in marked)])
+        ax.set_ylim(bottom, min(100.0, max([100 * fp32["accuracy"] + 2, *(m + 0.5 for m in marked)])))
         hidden = sum(100 * r["accuracy"] < bottom for r in rows)
         ax.set_title(f"{part['title']}: accuracy against file size"
                      + (f" ({hidden} points below {bottom:.0f} % not shown)" if hidden else ""), fontsize=9)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the points, not on them
         fig.tight_layout()
         path = folder / "accuracy_vs_bits.png"
         fig.savefig(path, dpi=120)
