@@ -16,13 +16,14 @@ EVALUATION, for every network, each file written and loaded back:
   tensors qpack's default policy quantizes, flattened and zero-padded to 32-value blocks,
   the others F32 (I64 for integers), a real ``.gguf`` file from ``GGUFWriter``;
 - NF4 with blocks of 64 (bitsandbytes' 16 NormalFloat levels, an absmax per block, no double
-  quantization), implemented here in numpy, on the same tensors; its size is counted, not
-  written: 4 bits per weight padded to whole blocks, a float32 absmax per 64 weights, and the
-  other tensors at 4 bytes per element (as bitsandbytes' ``Linear4bit`` keeps them in a
-  float32 checkpoint), plus the fp32 ``torch.save`` file's overhead (its size minus its data).
+  quantization), implemented here in numpy, on the same tensors, written as a safetensors
+  file the way a bitsandbytes checkpoint holds it: two 4-bit codes per byte (padded to whole
+  blocks), a float32 absmax per 64 weights, the 16 levels once, the other tensors as they
+  are (float32; integers int64), and safetensors' JSON header;
+- ``--target-bpw`` at GGUF Q4_0's bits per weight on that network (for the check below).
 
-Bits per weight = whole file bytes * 8 / the network's parameters (``net.parameters()``;
-BN running statistics are stored in every file but not counted as weights). MNIST metric:
+Bits per weight = whole file bytes * 8 / all elements of the state dict (what ``--target-bpw``
+means; BN running statistics count, as in qpack, and are stored in every file). MNIST metric:
 accuracy on the 10,000 test images; the transformer: test loss in nats per character on
 the held-out last 10 % of its text. The table lists, per network and setting, bits per
 weight, the metric and its change against fp32; then the issue's "Done when" checks per
@@ -359,23 +360,39 @@ def format_network(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: short column names for the summary
+SHORT = {"-b 8": "b8", "-b 6": "b6", "-b 5": "b5", "-b 4 -g channel": "b4ch", "-b 5 -m kmeans": "k5",
+         "-b 4 -m kmeans": "k4", "-b 3 -m kmeans": "k3", "--target-bpw 3": "t3", "--target-bpw 4": "t4",
+         "--target-bpw 5": "t5", "GGUF Q8_0": "Q8_0", "GGUF Q4_0": "Q4_0", "GGUF Q4_1": "Q4_1", "NF4 block 64": "NF4"}
+
+
+def short(setting: str) -> str:
+    return SHORT.get(setting, "t@Q4_0" if setting.endswith("(=Q4_0)") else setting)
+
+
 def format_summary(results: list[dict[str, Any]]) -> list[str]:
-    """Network x setting: bits per weight / drop, one line per network."""
-    settings = [r["setting"] for r in results[0]["rows"][1:] if not r["setting"].endswith("(=Q4_0)")] + ["@Q4_0"]
-    lines = ["summary: bits per weight / drop (pp; transformer: nats) per network and setting"]
+    """Two network x setting grids: bits per weight of the whole file, and the drop against fp32."""
+    settings = [short(r["setting"]) for r in results[0]["rows"][1:]]
     width = max(len(r["name"]) for r in results)
-    lines.append(" | ".join(["network".ljust(width), *settings]))
-    for res in results:
-        cells = [res["name"].ljust(width)]
-        for r in res["rows"][1:]:
-            if r["metric"] is None:
-                cells.append("refused")
-            else:
-                cells.append(f"{r['bits_per_weight']:.2f}/{r['drop']:+.{4 if res['metric'] == 'loss' else 2}f}")
-        lines.append(" | ".join(cells))
+    lines = []
+    for title, cell in (("bits per weight (whole file)", lambda r, res: f"{r['bits_per_weight']:.2f}"),
+                        ("drop vs fp32 (accuracy points; transformer: nats/char)",
+                         lambda r, res: f"{r['drop']:+.{3 if res['metric'] == 'loss' else 2}f}")):
+        rows = [[res["name"], *("refused" if r["metric"] is None else cell(r, res) for r in res["rows"][1:])]
+                for res in results]
+        widths = [width, *(max(len(h), *(len(row[i + 1]) for row in rows)) for i, h in enumerate(settings))]
+        lines.append(f"summary: {title}")
+        lines.append("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(["network", *settings], widths))))
+        lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+        lines.append("")
+    lines.append("b8/b6/b5: -b 8/6/5; b4ch: -b 4 -g channel; k5/k4/k3: -m kmeans at 5/4/3 bits; t3/t4/t5: "
+                 "--target-bpw 3/4/5; t@Q4_0: --target-bpw at GGUF Q4_0's bits per weight; NF4: blocks of 64")
     passed = sum(c["pass"] is True for r in results for c in r["checks"])
     total = sum(len(r["checks"]) for r in results)
     lines.append(f"checks passed: {passed} of {total}")
+    for res in results:
+        failed = [c["check"] for c in res["checks"] if c["pass"] is not True]
+        lines.append(f"  {res['name']}: {'all pass' if not failed else 'not passed: ' + '; '.join(failed)}")
     return lines
 
 
@@ -474,7 +491,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-train", action="store_true", help="use the cache only; fail if a network is missing")
     parser.add_argument("--train-only", action="store_true", help="train and cache, do not evaluate")
     parser.add_argument("--out", metavar="DIR", help="where the packed files go (default CACHE/files)")
-    parser.add_argument("--json", metavar="PATH", default="bench_zoo.json", help="rows and checks (default bench_zoo.json)")
+    parser.add_argument("--json", metavar="PATH", help="rows and checks (default CACHE/bench_zoo.json)")
+    parser.add_argument("--merge", metavar="JSON", nargs="+",
+                        help="print the tables of earlier runs' JSON files (e.g. --only parts run side by side) "
+                             "as one, and write them to --json; nothing is trained or packed")
     args = parser.parse_args(argv)
     names = [n for n in (args.only or "").split(",") if n]
     try:
@@ -484,9 +504,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def report_tables(results: list[dict[str, Any]]) -> None:
+    """Print every network's table and checks, then the summary grids."""
+    log("")
+    for res in results:
+        for line in format_network(res):
+            log(line)
+        log("")
+    for line in format_summary(results):
+        log(line)
+
+
+def merge(paths: Sequence[str], out: Path) -> int:
+    """Combine the JSON files of several runs (same qpack commit expected) into one report."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    commits = {json.dumps(p["git"], sort_keys=True) for p in parts}
+    order = {e.name: i for i, e in enumerate(ZOO)}
+    results = sorted((n for p in parts for n in p["networks"]), key=lambda n: order.get(n["name"], len(order)))
+    report_tables(results)
+    if len(commits) > 1:
+        log("note: the parts come from different qpack states: " + "; ".join(sorted(commits)))
+    log("wall seconds of the parts: " + ", ".join(f"{Path(p).name} {q['wall_s']:.0f}" for p, q in zip(paths, parts)))
+    merged = {**parts[0], "argv": ["--merge", *paths], "networks": results, "parts": [
+        {"file": str(p), "argv": q["argv"], "git": q["git"], "wall_s": q["wall_s"]} for p, q in zip(paths, parts)]}
+    merged["wall_s"] = sum(q["wall_s"] for q in parts)
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    log(f"wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.json) if args.json else cache_dir(args.cache) / "bench_zoo.json")
     torch.set_num_threads(1)
     folder = cache_dir(args.cache)
     mnist = load_mnist(args.data) if any(e.metric == "accuracy" for e in args.entries) else None
@@ -505,13 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for entry in args.entries:
         state, meta = zoo[entry.name]
         results.append(bench_network(entry, state, meta, mnist, text, out / entry.name))
-    log("")
-    for res in results:
-        for line in format_network(res):
-            log(line)
-        log("")
-    for line in format_summary(results):
-        log(line)
+    report_tables(results)
     wall = time.perf_counter() - started
     report = {
         "format": JSON_FORMAT, "argv": sys.argv[1:] if argv is None else list(argv), "cache": str(folder),
@@ -520,8 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "gguf": importlib.metadata.version("gguf")},
         "limits": LIMITS, "networks": results, "wall_s": round(wall, 1),
     }
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {args.json} ({wall:.0f} s)")
+    json_path = Path(args.json) if args.json else folder / "bench_zoo.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {json_path} ({wall:.0f} s wall)")
     return 0
 
 
