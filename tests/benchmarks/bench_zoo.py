@@ -396,7 +396,18 @@ def format_summary(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def qpack_tree(commit: str | None) -> str | None:
+    """The git tree id of ``qpack/`` at ``commit``: equal trees mean the same package code."""
+    import subprocess
+
+    if commit is None:
+        return None
+    done = subprocess.run(["git", "rev-parse", f"{commit}:qpack"], cwd=REPO, capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def git_state() -> dict[str, Any]:
+    """bench_demo_table's git state (commit, uncommitted files in qpack/, a hash of their diff)."""
     from bench_demo_table import git_state as demo_git_state
 
     return demo_git_state()
@@ -518,12 +529,13 @@ def report_tables(results: list[dict[str, Any]]) -> None:
 def merge(paths: Sequence[str], out: Path) -> int:
     """Combine the JSON files of several runs (same qpack commit expected) into one report."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    commits = {json.dumps(p["git"], sort_keys=True) for p in parts}
+    # the same package code: the same qpack/ tree and the same uncommitted diff in it
+    commits = {(qpack_tree(p["git"]["commit"]), p["git"]["qpack_diff_sha256"]) for p in parts}
     order = {e.name: i for i, e in enumerate(ZOO)}
     results = sorted((n for p in parts for n in p["networks"]), key=lambda n: order.get(n["name"], len(order)))
     report_tables(results)
     if len(commits) > 1:
-        log("note: the parts come from different qpack states: " + "; ".join(sorted(commits)))
+        log("note: the parts come from different qpack code: " + "; ".join(f"tree {t} diff {d[:12]}" for t, d in commits))
     log("wall seconds of the parts: " + ", ".join(f"{Path(p).name} {q['wall_s']:.0f}" for p, q in zip(paths, parts)))
     merged = {**parts[0], "argv": ["--merge", *paths], "networks": results, "parts": [
         {"file": str(p), "argv": q["argv"], "git": q["git"], "wall_s": q["wall_s"]} for p, q in zip(paths, parts)]}
