@@ -410,6 +410,20 @@ def qpack_tree(commit: str | None) -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+def format_markdown(results: list[dict[str, Any]]) -> list[str]:
+    """The summary as a markdown table: a row per network, a column per setting, "bpw / drop" cells."""
+    settings = [short(r["setting"]) for r in results[0]["rows"][1:]]
+    lines = ["| network (fp32) | " + " | ".join(settings) + " |", "| --- |" + " ---: |" * len(settings)]
+    for res in results:
+        fp32 = res["rows"][0]["metric"]
+        ref = f"{fp32:.3f} nats" if res["metric"] == "loss" else f"{100 * fp32:.2f} %"
+        cells = ["refused" if r["metric"] is None else
+                 f"{r['bits_per_weight']:.2f} / {r['drop']:+.{3 if res['metric'] == 'loss' else 2}f}"
+                 for r in res["rows"][1:]]
+        lines.append(f"| {res['name']} ({ref}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def git_state() -> dict[str, Any]:
     """bench_demo_table's git state (commit, uncommitted files in qpack/, a hash of their diff)."""
     from bench_demo_table import git_state as demo_git_state
@@ -525,6 +539,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-only", action="store_true", help="train and cache, do not evaluate")
     parser.add_argument("--out", metavar="DIR", help="where the packed files go (default CACHE/files)")
     parser.add_argument("--json", metavar="PATH", help="rows and checks (default CACHE/bench_zoo.json)")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the summary as a markdown table here")
     parser.add_argument("--merge", metavar="JSON", nargs="+",
                         help="print the tables of earlier runs' JSON files (e.g. --only parts run side by side) "
                              "as one, and write them to --json; nothing is trained or packed")
@@ -537,8 +552,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def report_tables(results: list[dict[str, Any]]) -> None:
-    """Print every network's table and checks, then the summary grids."""
+def report_tables(results: list[dict[str, Any]], markdown: str | None = None) -> None:
+    """Print every network's table and checks, then the summary grids; the markdown table to ``markdown``."""
+    if markdown:
+        Path(markdown).write_text("\n".join(format_markdown(results)) + "\n")
     log("")
     for res in results:
         for line in format_network(res):
@@ -548,14 +565,14 @@ def report_tables(results: list[dict[str, Any]]) -> None:
         log(line)
 
 
-def merge(paths: Sequence[str], out: Path) -> int:
+def merge(paths: Sequence[str], out: Path, markdown: str | None = None) -> int:
     """Combine the JSON files of several runs (same qpack commit expected) into one report."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     # the same package code: the same qpack/ tree and the same uncommitted diff in it
     commits = {(qpack_tree(p["git"]["commit"]), p["git"]["qpack_diff_sha256"]) for p in parts}
     order = {e.name: i for i, e in enumerate(ZOO)}
     results = sorted((n for p in parts for n in p["networks"]), key=lambda n: order.get(n["name"], len(order)))
-    report_tables(results)
+    report_tables(results, markdown)
     if len(commits) > 1:
         log("note: the parts come from different qpack code: " + "; ".join(f"tree {t} diff {d[:12]}" for t, d in commits))
     log("wall seconds of the parts: " + ", ".join(f"{Path(p).name} {q['wall_s']:.0f}" for p, q in zip(paths, parts)))
@@ -572,7 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     use_qpack(Path(args.qpack))
     if args.merge:
-        return merge(args.merge, Path(args.json) if args.json else cache_dir(args.cache) / "bench_zoo.json")
+        return merge(args.merge, Path(args.json) if args.json else cache_dir(args.cache) / "bench_zoo.json",
+                     args.markdown)
     torch.set_num_threads(1)
     folder = cache_dir(args.cache)
     mnist = load_mnist(args.data) if any(e.metric == "accuracy" for e in args.entries) else None
@@ -591,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for entry in args.entries:
         state, meta = zoo[entry.name]
         results.append(bench_network(entry, state, meta, mnist, text, out / entry.name))
-    report_tables(results)
+    report_tables(results, args.markdown)
     wall = time.perf_counter() - started
     report = {
         "format": JSON_FORMAT, "argv": sys.argv[1:] if argv is None else list(argv), "cache": str(folder),
