@@ -391,12 +391,14 @@ def format_summary(results: list[dict[str, Any]]) -> list[str]:
         lines.append("")
     lines.append("b8/b6/b5: -b 8/6/5; b4ch: -b 4 -g channel; k5/k4/k3: -m kmeans at 5/4/3 bits; t3/t4/t5: "
                  "--target-bpw 3/4/5; t@Q4_0: --target-bpw at GGUF Q4_0's bits per weight; NF4: blocks of 64")
-    passed = sum(c["pass"] is True for r in results for c in r["checks"])
-    total = sum(len(r["checks"]) for r in results)
-    lines.append(f"checks passed: {passed} of {total}")
+    states = [c["pass"] for r in results for c in r["checks"]]
+    lines.append(f"checks: {states.count(True)} pass, {states.count(False)} fail, {states.count(None)} refused "
+                 f"(a target qpack would not meet), of {len(states)}")
     for res in results:
-        failed = [c["check"] for c in res["checks"] if c["pass"] is not True]
-        lines.append(f"  {res['name']}: {'all pass' if not failed else 'not passed: ' + '; '.join(failed)}")
+        failed = [c["check"] for c in res["checks"] if c["pass"] is False]
+        refused = [c["check"] for c in res["checks"] if c["pass"] is None]
+        parts = ([f"FAIL {'; '.join(failed)}"] if failed else []) + ([f"refused {'; '.join(refused)}"] if refused else [])
+        lines.append(f"  {res['name']}: {' | '.join(parts) or 'all pass'}")
     return lines
 
 
