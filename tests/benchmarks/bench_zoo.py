@@ -38,8 +38,9 @@ so that its qpack is used (``--qpack DIR`` names another repository root):
     python tests/benchmarks/bench_zoo.py --no-train --only resnet14_sgd --json a.json   # parts side
     python tests/benchmarks/bench_zoo.py --merge a.json b.json     # by side, then one report
 
-Training takes about 20 CPU-minutes on one core of the development machine (much longer
-when the machine is busy); evaluating all ten networks about 10 more.
+Training takes about 25 CPU-minutes on one core of the development machine (from per-step
+timings; it took 57 minutes of wall time on the shared machine at a load of 6 to 18), and
+evaluating all ten networks about 20 more (the packs and 16 evaluations per network).
 """
 
 from __future__ import annotations
