@@ -427,11 +427,24 @@ def format_markdown(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def git_state() -> dict[str, Any]:
-    """bench_demo_table's git state (commit, uncommitted files in qpack/, a hash of their diff)."""
-    from bench_demo_table import git_state as demo_git_state
+def git_state(root: Path = REPO) -> dict[str, Any]:
+    """The commit of the repository at ``root``, its uncommitted files in qpack/, a hash of their
+    diff, and the tree id of qpack/ at that commit (equal trees and diffs: the same code)."""
+    import hashlib
+    import subprocess
 
-    return demo_git_state()
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD").strip() or None
+    return {
+        "root": str(root),
+        "commit": commit,
+        "qpack_tree": git("rev-parse", "HEAD:qpack").strip() or None,
+        "qpack_status": git("status", "--short", "qpack").splitlines(),
+        "qpack_diff_sha256": hashlib.sha256(git("diff", "HEAD", "--", "qpack").encode()).hexdigest(),
+    }
 
 
 #: the transformer is scored on the first this many held-out characters (800 windows of 128)
@@ -573,7 +586,8 @@ def merge(paths: Sequence[str], out: Path, markdown: str | None = None) -> int:
     """Combine the JSON files of several runs (same qpack commit expected) into one report."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     # the same package code: the same qpack/ tree and the same uncommitted diff in it
-    commits = {(qpack_tree(p["git"]["commit"]), p["git"]["qpack_diff_sha256"]) for p in parts}
+    commits = {(p["git"].get("qpack_tree") or qpack_tree(p["git"]["commit"]), p["git"]["qpack_diff_sha256"])
+               for p in parts}
     order = {e.name: i for i, e in enumerate(ZOO)}
     results = sorted((n for p in parts for n in p["networks"]), key=lambda n: order.get(n["name"], len(order)))
     report_tables(results, markdown)
@@ -605,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import qpack
 
-    git = git_state()
+    git = git_state(Path(args.qpack))
     log(f"qpack from {Path(qpack.__file__).parent} (git {git['commit']}, "
         f"uncommitted in qpack/: {', '.join(git['qpack_status']) or 'none'})")
     out = Path(args.out) if args.out else folder / "files"
