@@ -1,0 +1,554 @@
+"""The zoo of bench_zoo.py: networks, training recipes, data, evaluation and the checkpoint cache.
+
+Nine MNIST networks and a character-level transformer, each trained once with a recipe of
+the kind their authors publish (SGD with momentum, Adam, AdamW; weight decay, L1 or
+neither; random affine augmentation or none) and cached outside the repository as a plain
+state dict (``NAME.pt``, ``torch.save``) next to ``NAME.json`` (the recipe, the parameter
+count, the fp32 test metric, the training time).
+
+Nothing here imports qpack: the networks and the evaluation are plain torch, so a state
+dict from any source can be scored with :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "ZOO",
+    "Entry",
+    "Recipe",
+    "build",
+    "cache_dir",
+    "evaluate",
+    "load_checkpoint",
+    "load_mnist",
+    "load_text",
+    "train_entry",
+]
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+DEFAULT_CACHE = Path("/work/zoo-cache")
+DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
+Log = Callable[[str], None]
+
+# ---------------------------------------------------------------------------------- networks
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class MLP(nn.Module):
+    """784-512-256-10 with ReLU (and dropout 0.2 in training), inputs standardised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 512), nn.Linear(512, 256), nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x - MNIST_MEAN) / MNIST_STD).flatten(1)
+        x = F.dropout(F.relu(self.fc1(x)), 0.2, self.training)
+        x = F.dropout(F.relu(self.fc2(x)), 0.2, self.training)
+        return self.fc3(x)
+
+
+class LeNet300(nn.Module):
+    """LeNet-300-100: 784-300-100-10, ReLU, raw [0, 1] inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 300), nn.Linear(300, 100), nn.Linear(100, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+class LeNet5Classic(nn.Module):
+    """LeCun 1998 layout on 32x32 (28x28 zero-padded by 2): C1 6@5x5, S2 avg-pool, C3 16@5x5,
+    S4 avg-pool, C5 120@5x5 (a conv: 48 k weights), F6 84, output 10; tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c3, self.c5 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5), nn.Conv2d(16, 120, 5)
+        self.f6, self.out = nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad((x - MNIST_MEAN) / MNIST_STD, (2, 2, 2, 2), value=-MNIST_MEAN / MNIST_STD)
+        x = F.avg_pool2d(torch.tanh(self.c1(x)), 2)
+        x = F.avg_pool2d(torch.tanh(self.c3(x)), 2)
+        x = torch.tanh(self.c5(x)).flatten(1)
+        return self.out(torch.tanh(self.f6(x)))
+
+
+class LeNet5Pad(nn.Module):
+    """The PyTorch-tutorial LeNet-5 on 28x28: conv1 6@5x5 padding 2 (padded-28), ReLU, max-pool,
+    conv2 16@5x5, max-pool, fc1 400-120, fc2 120-84, fc3 84-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5, padding=2), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2).flatten(1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class LeNet5Valid(nn.Module):
+    """LeNet-5 on unpadded 28x28 (a 16x4x4 = 256-wide fc1), ReLU, max-pool, dropout before fc3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(256, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - MNIST_MEAN) / MNIST_STD
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2).flatten(1)
+        x = F.dropout(F.relu(self.fc2(F.relu(self.fc1(x)))), 0.25, self.training)
+        return self.fc3(x)
+
+
+class CaffeLeNet(nn.Module):
+    """Caffe's ``lenet_train_test.prototxt``: conv1 20@5x5, pool, conv2 50@5x5, pool, ip1 800-500,
+    ReLU, ip2 500-10 (no activation on the convolutions), inputs scaled by 1/256 as Caffe does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 20, 5), nn.Conv2d(20, 50, 5)
+        self.ip1, self.ip2 = nn.Linear(800, 500), nn.Linear(500, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.conv1(x * (255.0 / 256.0)), 2)
+        x = F.max_pool2d(self.conv2(x), 2).flatten(1)
+        return self.ip2(F.relu(self.ip1(x)))
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution without bias, BatchNorm, ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyBN(nn.Module):
+    """A BN CNN under 30 k parameters: 16@28, pool, 32@14, pool, 32@7, 48@7, global average, fc 48-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2, self.b3, self.b4 = conv_bn(1, 16), conv_bn(16, 32), conv_bn(32, 32), conv_bn(32, 48)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.b1((x - MNIST_MEAN) / MNIST_STD), 2)
+        x = F.max_pool2d(self.b2(x), 2)
+        x = self.b4(self.b3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class BNNet(nn.Module):
+    """A Keras-example style BN CNN: 16@28, pool, 32@14, pool, fc 1568-128 with BatchNorm1d, fc 128-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2 = conv_bn(1, 16), conv_bn(16, 32)
+        self.fc1, self.bn_fc = nn.Linear(32 * 7 * 7, 128, bias=False), nn.BatchNorm1d(128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.b1((x - MNIST_MEAN) / MNIST_STD), 2)
+        x = F.max_pool2d(self.b2(x), 2).flatten(1)
+        x = F.dropout(F.relu(self.bn_fc(self.fc1(x))), 0.3, self.training)
+        return self.fc2(x)
+
+
+class Block(nn.Module):
+    """A ResNet basic block: two 3x3 conv-BN, identity or 1x1-conv-BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet14(nn.Module):
+    """A small ResNet (14 weight layers): stem 16@28 + max-pool, three stages of two blocks
+    (16@14, 32@7, 64@4), global average, fc 64-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(1, 16)
+        self.layer1 = nn.Sequential(Block(16, 16, 1), Block(16, 16, 1))
+        self.layer2 = nn.Sequential(Block(16, 32, 2), Block(32, 32, 1))
+        self.layer3 = nn.Sequential(Block(32, 64, 2), Block(64, 64, 1))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.stem((x - MNIST_MEAN) / MNIST_STD), 2)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class CharTransformer(nn.Module):
+    """A GPT-style character model: token and position embeddings, pre-norm blocks (causal
+    self-attention, GELU MLP), a final LayerNorm and an untied output layer."""
+
+    def __init__(self, vocab: int = 96, d_model: int = 128, layers: int = 3, heads: int = 4, context: int = 128) -> None:
+        super().__init__()
+        self.context, self.heads = context, heads
+        self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "ln1": nn.LayerNorm(d_model), "qkv": nn.Linear(d_model, 3 * d_model), "proj": nn.Linear(d_model, d_model),
+                "ln2": nn.LayerNorm(d_model), "fc": nn.Linear(d_model, 4 * d_model), "out": nn.Linear(4 * d_model, d_model),
+            }))
+        self.ln_f, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + blk["proj"](y.transpose(1, 2).reshape(b, t, -1))
+            x = x + blk["out"](F.gelu(blk["fc"](blk["ln2"](x))))
+        return self.head(self.ln_f(x))
+
+
+ARCHS: dict[str, tuple[type[nn.Module], str]] = {
+    "mlp": (MLP, "MLP 784-512-256-10, dropout 0.2"),
+    "lenet300": (LeNet300, "LeNet-300-100"),
+    "lenet5_classic": (LeNet5Classic, "LeNet-5 (LeCun 1998) on 32x32 (28 padded by 2), tanh, avg-pool, C5 conv"),
+    "lenet5_pad": (LeNet5Pad, "LeNet-5 on padded 28x28 (conv1 padding 2), ReLU, max-pool, fc 400-120-84-10"),
+    "lenet5_valid": (LeNet5Valid, "LeNet-5 on unpadded 28x28, fc 256-120-84-10, dropout"),
+    "caffe_lenet": (CaffeLeNet, "Caffe LeNet-5 (20-50-500)"),
+    "tiny_bn": (TinyBN, "BN CNN 16-32-32-48, global average pool (< 30 k parameters)"),
+    "bn_cnn": (BNNet, "BN CNN 16-32, fc 1568-128 with BatchNorm1d, dropout"),
+    "resnet14": (ResNet14, "ResNet-14 (3 stages x 2 basic blocks, 16-32-64), BN, skip connections"),
+    "char_transformer": (CharTransformer, "char transformer: 3 pre-norm layers, d_model 128, 4 heads, context 128"),
+}
+
+
+def build(arch: str) -> nn.Module:
+    """A fresh network of architecture ``arch`` (a key of :data:`ARCHS`)."""
+    return ARCHS[arch][0]()
+
+
+# ---------------------------------------------------------------------------------- recipes
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one network is trained.
+
+    Attributes:
+        optimizer: ``sgd`` (momentum), ``adam`` or ``adamw``.
+        lr: peak learning rate.
+        epochs: passes over the 60 k training images (the transformer: ``steps`` instead).
+        batch: batch size.
+        momentum: SGD momentum; ``nesterov``.
+        weight_decay: L2 (SGD, Adam) or decoupled (AdamW).
+        l1: weight of ``sum |w|`` over the weight tensors (>= 2 dims) added to the loss.
+        augment: random affine per image (rotation, scale, shift), via ``affine_grid``.
+        schedule: ``onecycle``, ``cosine``, ``step`` (x0.1 at 2/3) or ``const``.
+        label_smoothing: cross-entropy label smoothing.
+        steps: transformer training steps; ``seed``: torch seed.
+    """
+
+    optimizer: str
+    lr: float
+    epochs: int = 3
+    batch: int = 128
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    l1: float = 0.0
+    augment: bool = False
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+    steps: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One network of the zoo: its cache name, architecture, recipe and metric."""
+
+    name: str
+    arch: str
+    recipe: Recipe
+    metric: str = "accuracy"  # or "loss" (nats per character)
+    notes: str = ""
+
+    @property
+    def title(self) -> str:
+        return ARCHS[self.arch][1]
+
+
+ZOO: tuple[Entry, ...] = (
+    Entry("mlp_sgd", "mlp", Recipe("sgd", 0.05, epochs=4, nesterov=True, weight_decay=5e-4, schedule="cosine")),
+    Entry("lenet300_adam", "lenet300", Recipe("adam", 1e-3, epochs=3, batch=100, schedule="const")),
+    Entry("lenet5_classic_sgd_aug", "lenet5_classic",
+          Recipe("sgd", 0.05, epochs=2, weight_decay=1e-4, augment=True, schedule="step")),
+    Entry("lenet5_pad_adam_l1", "lenet5_pad", Recipe("adam", 2e-3, epochs=2, l1=2e-5, schedule="cosine")),
+    Entry("lenet5_valid_sgd", "lenet5_valid", Recipe("sgd", 0.02, epochs=2, batch=64, schedule="const")),
+    Entry("caffe_lenet_sgd", "caffe_lenet", Recipe("sgd", 0.01, epochs=1, batch=64, weight_decay=5e-4, schedule="step"),
+          notes="Caffe's solver: lr 0.01, momentum 0.9, weight decay 5e-4, batch 64"),
+    Entry("tiny_bn_adamw_aug", "tiny_bn", Recipe("adamw", 3e-3, epochs=1, weight_decay=1e-2, augment=True)),
+    Entry("bn_cnn_adam_ls", "bn_cnn", Recipe("adam", 2e-3, epochs=1, weight_decay=1e-4, label_smoothing=0.1)),
+    Entry("resnet14_sgd", "resnet14", Recipe("sgd", 0.1, epochs=1, nesterov=True, weight_decay=5e-4)),
+    Entry("char_transformer_adamw", "char_transformer",
+          Recipe("adamw", 2e-3, batch=16, weight_decay=0.1, schedule="cosine", steps=700), metric="loss",
+          notes="Python 3.11 standard-library sources; last 10 % of the text held out"),
+)
+
+
+def find(name: str) -> Entry:
+    """The :data:`ZOO` entry called ``name``."""
+    for entry in ZOO:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"no zoo network {name!r}; choose from {', '.join(e.name for e in ZOO)}")
+
+
+# ---------------------------------------------------------------------------------- data
+
+def load_mnist(folder: str | os.PathLike[str] = DEFAULT_MNIST) -> tuple[torch.Tensor, ...]:
+    """The full MNIST sets via ``qpack.demo.mnist``: ``(train_x, train_y, test_x, test_y)``, 60 k and 10 k."""
+    from qpack.demo.mnist import load_mnist_folder
+
+    data = load_mnist_folder(folder)
+    if len(data.train_y) != 60000 or len(data.eval_y) != 10000:
+        raise SystemExit(f"{folder}: expected the 60,000 training and 10,000 test images ({data.info['description']})")
+    return data.train_x, data.train_y, data.eval_x, data.eval_y
+
+
+#: characters the transformer sees: printable ASCII plus newline; the rest are dropped
+TEXT_VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
+TEXT_CHARS = 2_000_000
+TEXT_TEST_SHARE = 0.1
+
+
+def load_text() -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Python's own standard library sources (sorted ``*.py`` in its top folder), ASCII only, the
+    first :data:`TEXT_CHARS` characters; split by position: the last 10 % is the test text.
+
+    Returns:
+        ``(train_ids, test_ids, info)``: int64 tensors of character ids and a description.
+    """
+    import sysconfig
+
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(folder.glob("*.py"))
+    table = np.full(256, -1, dtype=np.int64)
+    for i, ch in enumerate(TEXT_VOCAB):
+        table[ord(ch)] = i
+    parts, total, used = [], 0, []
+    for path in files:
+        raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        ids = table[raw]
+        ids = ids[ids >= 0]
+        parts.append(ids)
+        used.append(path.name)
+        total += ids.size
+        if total >= TEXT_CHARS:
+            break
+    text = np.concatenate(parts)[:TEXT_CHARS]
+    split = int(len(text) * (1 - TEXT_TEST_SHARE))
+    info = {"source": str(folder), "files": len(used), "first": used[0], "last": used[-1],
+            "chars": int(len(text)), "train_chars": split, "test_chars": int(len(text) - split)}
+    return torch.from_numpy(text[:split].copy()), torch.from_numpy(text[split:].copy()), info
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random affine per image: rotation +-10 degrees, scale 0.9..1.1, shift +-2 pixels."""
+    n = x.shape[0]
+    u = torch.rand(n, 4, generator=generator) * 2 - 1
+    angle, scale = u[:, 0] * math.radians(10), 1 + 0.1 * u[:, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * 2 / 14], 1), torch.stack([sin, cos, u[:, 3] * 2 / 14], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(arch: str, state: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Score a state dict of architecture ``arch`` on held-out data.
+
+    Args:
+        arch: a key of :data:`ARCHS` (an entry's ``arch``).
+        state: the state dict (loaded strictly).
+        data: ``(test_x, test_y)`` for MNIST networks (the full 10 k test set from :func:`load_mnist`),
+            ``(test_ids, None)`` for the transformer (from :func:`load_text`).
+
+    Returns:
+        Test accuracy in [0, 1] for MNIST networks; mean test loss in nats per character for
+        the transformer (windows of its context length, every position scored).
+    """
+    net = build(arch)
+    net.load_state_dict(state)
+    net.eval()
+    x, y = data
+    if arch == "char_transformer":
+        ctx = net.context
+        n = (len(x) - 1) // ctx
+        inputs, targets = x[: n * ctx].view(n, ctx), x[1 : n * ctx + 1].view(n, ctx)
+        total = 0.0
+        for i in range(0, n, 64):
+            logits = net(inputs[i : i + 64])
+            total += F.cross_entropy(logits.flatten(0, 1), targets[i : i + 64].flatten(), reduction="sum").item()
+        return total / (n * ctx)
+    correct = 0
+    for i in range(0, len(y), 1000):
+        correct += (net(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item()
+    return correct / len(y)
+
+
+# ---------------------------------------------------------------------------------- training
+
+def _optimizer(net: nn.Module, r: Recipe) -> torch.optim.Optimizer:
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
+                               weight_decay=r.weight_decay)
+    if r.optimizer == "adam":
+        return torch.optim.Adam(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    if r.optimizer == "adamw":
+        return torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    raise ValueError(f"unknown optimizer {r.optimizer}")
+
+
+def _scheduler(opt: torch.optim.Optimizer, r: Recipe, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if r.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=total, pct_start=0.25)
+    if r.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    if r.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, max(1, 2 * total // 3), 0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _l1(net: nn.Module) -> torch.Tensor:
+    return torch.stack([p.abs().sum() for p in net.parameters() if p.dim() >= 2]).sum()
+
+
+def train_entry(entry: Entry, mnist: tuple[torch.Tensor, ...] | None, text: tuple | None, log: Log) -> tuple[dict, float]:
+    """Train ``entry`` from its seed; returns ``(state dict, seconds)``."""
+    r = entry.recipe
+    torch.manual_seed(r.seed)
+    generator = torch.Generator().manual_seed(r.seed + 1)
+    net = build(entry.arch)
+    opt = _optimizer(net, r)
+    started = time.perf_counter()
+    net.train()
+    if entry.metric == "loss":
+        train_ids = text[0]
+        ctx = net.context
+        sched = _scheduler(opt, r, r.steps)
+        warm = 100
+        for step in range(r.steps):
+            for group in opt.param_groups:  # linear warm-up before the cosine
+                if step < warm:
+                    group["lr"] = r.lr * (step + 1) / warm
+            start = torch.randint(0, len(train_ids) - ctx - 1, (r.batch,), generator=generator)
+            idx = start[:, None] + torch.arange(ctx + 1)
+            chunk = train_ids[idx]
+            logits = net(chunk[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            if step >= warm:
+                sched.step()
+            if step % 250 == 0 or step == r.steps - 1:
+                log(f"    {entry.name}: step {step}/{r.steps} loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+    else:
+        x, y = mnist[0], mnist[1]
+        steps = (len(y) + r.batch - 1) // r.batch
+        sched = _scheduler(opt, r, steps * r.epochs)
+        for epoch in range(r.epochs):
+            order = torch.randperm(len(y), generator=generator)
+            seen, total_loss = 0, 0.0
+            for idx in order.split(r.batch):
+                xb, yb = x[idx], y[idx]
+                if r.augment:
+                    xb = augment(xb, generator)
+                loss = F.cross_entropy(net(xb), yb, label_smoothing=r.label_smoothing)
+                total_loss += loss.item() * len(idx)
+                if r.l1:
+                    loss = loss + r.l1 * _l1(net)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seen += len(idx)
+            log(f"    {entry.name}: epoch {epoch + 1}/{r.epochs} loss {total_loss / seen:.4f} "
+                f"({time.perf_counter() - started:.0f} s)")
+    net.eval()
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return state, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------- cache
+
+def cache_dir(option: str | None = None) -> Path:
+    """The cache folder: ``option`` (``--cache``), else ``$QPACK_ZOO``, else :data:`DEFAULT_CACHE`."""
+    if option:
+        return Path(option)
+    return Path(os.environ["QPACK_ZOO"]) if os.environ.get("QPACK_ZOO") else DEFAULT_CACHE
+
+
+def load_checkpoint(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``(state dict, its JSON)`` from the cache, or None when either file is missing or the recipe changed."""
+    pt, meta_path = folder / f"{name}.pt", folder / f"{name}.json"
+    if not (pt.is_file() and meta_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    entry = find(name)
+    if meta.get("recipe") != asdict(entry.recipe) or meta.get("arch") != entry.arch:
+        return None
+    return torch.load(pt, map_location="cpu", weights_only=True), meta
+
+
+def save_checkpoint(folder: Path, entry: Entry, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``NAME.pt`` and ``NAME.json`` (each to a temporary name first, then renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, write in ((folder / f"{entry.name}.pt", lambda p: torch.save(state, p)),
+                        (folder / f"{entry.name}.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))):
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
+
+
+def parameters(state: dict[str, torch.Tensor]) -> int:
+    """Elements of the floating-point tensors (BN running statistics included, counters not)."""
+    return sum(t.numel() for t in state.values() if t.is_floating_point())
+
+
+if __name__ == "__main__":  # a quick look at one network's speed: python _zoo.py NAME
+    torch.set_num_threads(1)
+    e = find(sys.argv[1])
+    print(e, sum(p.numel() for p in build(e.arch).parameters()))
