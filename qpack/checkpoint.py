@@ -67,15 +67,41 @@ def _check_input_file(path: Path) -> None:
         raise InputError(f"{path}: no such file")
     try:
         with open(path, "rb") as handle:
-            head = handle.read(len(MAGIC))
+            head = handle.read(max(len(MAGIC), 16))
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
     if not head:
         raise InputError(f"{path} is empty")
-    if head == MAGIC:
+    if head.startswith(MAGIC):
         raise InputError(f"{path} is already a .qpk file; use 'qpack unpack' or 'qpack info' on it")
+    if not _has_checkpoint_signature(head):
+        # said before torch.load runs: a text file or random bytes would otherwise fail inside
+        # the unpickler, and its message suggests --trust-pickle for a file that is no pickle
+        raise InputError(f"{path} is not a PyTorch checkpoint: {_what_it_starts_with(head)}; torch.save writes "
+                         "a zip archive (PK..) or a pickle (0x80 and a protocol number)")
+
+
+#: pickle protocols torch.save may write (its default is 2)
+_PICKLE_PROTOCOLS = range(2, 6)
+
+
+def _has_checkpoint_signature(head: bytes) -> bool:
+    """Whether a file starts as torch.save's files do: a zip archive, or a pickle of protocol 2+."""
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS)
+
+
+def _what_it_starts_with(head: bytes) -> str:
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "it looks like a safetensors file (name it .safetensors)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with bytes {head[:8].hex(' ')}"
+    if text.isprintable() or all(c.isprintable() or c.isspace() for c in text):
+        return "it is text"
+    return f"it starts with bytes {head[:8].hex(' ')}"
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:

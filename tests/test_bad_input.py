@@ -45,7 +45,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     qpack.pack(good, folder / "good.qpk")
     (folder / "empty.pt").write_bytes(b"")
     (folder / "empty.qpk").write_bytes(b"")
-    (folder / "noise.pt").write_bytes(os.urandom(4096))
+    (folder / "noise.pt").write_bytes(b"\x00" + os.urandom(4095))  # never a zip or pickle signature
+    (folder / "README.md").write_text("# a project\n\nNot a checkpoint.\n")
+    (folder / "opcodes.bin").write_bytes(b"c\x00\x01garbage")  # a pickle GLOBAL opcode, then junk
     (folder / "a_folder").mkdir()
     torch.save(torch.nn.Sequential(torch.nn.Linear(8, 8)), folder / "module.pt")
     torch.save({"w": torch.empty(16, 16, device="meta")}, folder / "meta.pt")
@@ -71,7 +73,9 @@ def run_in(inputs: Path, tmp_path: Path, *args: object) -> subprocess.CompletedP
     (("pack", "missing.pt", "-o", "out.qpk"), 2, ["missing.pt", "no such file"]),
     (("pack", "a_folder", "-o", "out.qpk"), 2, ["a_folder"]),
     (("pack", "empty.pt", "-o", "out.qpk"), 2, ["empty"]),
-    (("pack", "noise.pt", "-o", "out.qpk"), 2, ["noise.pt"]),
+    (("pack", "noise.pt", "-o", "out.qpk"), 2, ["noise.pt", "not a PyTorch checkpoint"]),
+    (("pack", "README.md", "-o", "out.qpk"), 2, ["not a PyTorch checkpoint", "it is text"]),
+    (("pack", "opcodes.bin", "-o", "out.qpk"), 2, ["not a PyTorch checkpoint", "bytes 63 00 01"]),
     (("pack", "good.qpk", "-o", "out.qpk"), 2, ["already a .qpk file"]),
     (("pack", "module.pt", "-o", "out.qpk"), 2, ["--trust-pickle"]),
     (("pack", "meta.pt", "-o", "out.qpk"), 2, ["meta"]),
