@@ -405,7 +405,7 @@ def _least_error(measured: _Measured, allowed: Mapping[str, list[bool]], planner
     budget = int(target_bpw * measured.elements / 8)
     trials = _masked(measured, allowed)
     slack = 0
-    for _ in range(6):
+    for _ in range(16):
         columns = _allocate(trials, minimise=_COST, limited=_SIZE, limit=budget - planner.fixed - slack)
         if columns is None:
             break
@@ -413,7 +413,10 @@ def _least_error(measured: _Measured, allowed: Mapping[str, list[bool]], planner
         over = planner.file_bytes(columns, summary) - budget
         if over <= 0:
             return columns
-        slack += over  # the estimate missed a few header bytes: plan again within what is left
+        # the estimate missed a few header bytes (a compressed header's size moves with its
+        # contents): plan again within less, growing the margin so that the greedy fill, which
+        # uses up whatever it is given, cannot miss by a byte again and again
+        slack += max(over, slack, 8)
     raise InputError(_infeasible(measured, allowed, planner, target_bpw, floor))
 
 

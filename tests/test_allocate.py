@@ -478,3 +478,20 @@ def test_a_weak_channel_gets_its_own_grid_at_the_default_setting(tmp_path):
                             (weak_channel_conv().reshape(-1, 2)[:, :1], {})]:
         report = qpack.pack({"w": tensor}, tmp_path / "o.qpk", force=True, **options)
         assert report.tensors[0].granularity == options.get("granularity", "tensor").partition(":")[0]
+
+
+def test_a_larger_target_is_never_refused_after_a_smaller_one_was_met(tmp_path):
+    # the re-plan after a file came out a byte over its budget shrank the limit by that byte
+    # only, and the greedy fill used it up again: --target-bpw 5 was refused where 4 was met
+    state = lenet_like()
+    elements = sum(t.numel() for t in state.values())
+    met = []
+    for target in (4.0, 4.5, 5.0, 5.5, 6.0, 7.0):
+        try:
+            report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target, force=True)
+        except qpack.QpkError:
+            assert not met, f"--target-bpw {target} refused after {met[-1]} was met"
+            continue
+        assert report.file_bytes * 8 <= target * elements
+        met.append(target)
+    assert met
