@@ -365,8 +365,13 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike[str], strict: boo
     Returns:
         What ``module.load_state_dict`` returns (missing and unexpected keys).
     """
-    first = next(iter(module.state_dict().values()), None)
+    own = module.state_dict()
+    first = next(iter(own.values()), None)
     device = first.device if first is not None else torch.device("cpu")
+    with QpkReader(path, max_bytes=None) as header_only:  # names only: nothing is decoded here
+        problem = _wrapper_prefix_problem(own.keys(), header_only.keys())
+    if problem is not None:
+        raise InputError(f"{path}: {problem}")
     if not packed:
         return module.load_state_dict(load(path, device), strict=strict)
     from .packed import pack_modules
@@ -375,6 +380,27 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike[str], strict: boo
         done = pack_modules(module, reader, device)  # one tensor decoded at a time
         rest = {name: reader.tensor(name, device) for name in reader.keys() if name not in done}
     return module.load_state_dict(rest, strict=strict)
+
+
+#: prefixes that wrappers add to every name: DataParallel / DistributedDataParallel, torch.compile
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _wrapper_prefix_problem(model_names: Iterable[str], file_names: Iterable[str]) -> str | None:
+    """Why the names cannot match when a wrapper's prefix is all that differs, else None."""
+    model_names, file_names = set(model_names), set(file_names)
+    if model_names == file_names or not model_names or not file_names:
+        return None
+    for prefix in _WRAPPER_PREFIXES:
+        for having, lacking, flip in ((file_names, model_names, False), (model_names, file_names, True)):
+            if all(n.startswith(prefix) for n in having) and {n[len(prefix):] for n in having} == lacking:
+                what = "the model's names" if flip else "the file's names"
+                other = "the file's" if flip else "the model's"
+                return (f"{what} all start with {prefix!r} (a DataParallel, DistributedDataParallel or "
+                        f"torch.compile wrapper) and {other} do not: load the unwrapped model "
+                        f"(model.module or model._orig_mod), or rename with "
+                        f"{{k.removeprefix({prefix!r}): v for k, v in qpack.load(path).items()}}")
+    return None
 
 
 def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: bool = False,

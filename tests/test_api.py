@@ -102,6 +102,26 @@ def test_load_into_gives_same_outputs_as_load(tmp_path, small_net):
     assert torch.allclose(fresh(x), small_net(x), atol=0.05)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_load_into_names_a_wrapper_prefix(tmp_path, small_net, packed):
+    # a checkpoint saved from DataParallel has 'module.' on every name: torch's answer is a
+    # list of every missing and unexpected key; qpack says what differs and what to do
+    wrapped = {f"module.{k}": v for k, v in small_net.state_dict().items()}
+    qpack.pack(wrapped, tmp_path / "dp.qpk")
+    with pytest.raises(qpack.QpkError, match="file's names all start with 'module.'.*removeprefix") as info:
+        qpack.load_into(type(small_net)(), tmp_path / "dp.qpk", packed=packed)
+    assert "\n" not in str(info.value)
+    qpack.pack(small_net.state_dict(), tmp_path / "plain.qpk")
+    compiled_like = torch.nn.Module()
+    compiled_like._orig_mod = type(small_net)()
+    with pytest.raises(qpack.QpkError, match="model's names all start with '_orig_mod.'"):
+        qpack.load_into(compiled_like, tmp_path / "plain.qpk")
+    fresh = type(small_net)()
+    qpack.load_into(fresh, tmp_path / "plain.qpk")  # matching names load as before
+    assert torch.equal(fresh.state_dict()[next(iter(fresh.state_dict()))],
+                       qpack.load(tmp_path / "plain.qpk")[next(iter(fresh.state_dict()))])
+
+
 def test_unpack_writes_plain_state_dict_and_refuses_overwrite(tmp_path, small_net):
     qpack.pack(small_net.state_dict(), tmp_path / "m.qpk")
     out = qpack.unpack(tmp_path / "m.qpk", tmp_path / "m.pt")
