@@ -124,7 +124,6 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         return packed.view(torch.int16).to(torch.int32) & 0xFFFF
     if 8 % bits == 0:
         # 1, 2 or 4 bits: whole indices per byte, one broadcast shift does it
-        per_byte = 8 // bits
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         out = (packed[:, None] >> shifts[None, :]).bitwise_and_((1 << bits) - 1)
         return out.view(-1)[:count] if out.numel() == count else out.reshape(-1)[:count]
