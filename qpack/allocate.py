@@ -26,7 +26,7 @@ the per-layer relative errors, sqrt(E / sum_t w_t); ``--max-error`` bounds it.
 With ``sensitivity`` (from :func:`qpack.measure_sensitivity`: measured on data), the weight
 of a tensor is instead numel * s_t, its Fisher estimate of the loss increase per unit rel^2.
 
-A quality floor (``Policy.min_snr_db``, 15 dB by default, i.e. rel <= 0.18) keeps every
+A quality floor (``Policy.min_snr_db``, 13 dB by default, i.e. rel <= 0.22) keeps every
 quantized tensor usable: a candidate below it is not chosen, unless the policy allows it
 (``allow_below_floor``) or no candidate of that tensor reaches it. A target that cannot be met
 above the floor is refused, naming the smallest one that can.
@@ -66,6 +66,13 @@ __all__ = ["CANDIDATE_BITS", "EDGE_WEIGHT", "Allocation", "Choice", "allocate", 
 
 #: widths tried for each tensor
 CANDIDATE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+#: spans tried for uniform grids (``Decision.span``), at the widths of ``SPAN_BITS``: a grid
+#: wider than its values by 2^(1/4), 2^(1/2) and 2^(3/4) has the steps between two widths'
+#: (quarter-bit steps of entropy-coded size, about 1.5 dB of SNR each), where one width to the
+#: next moves 6 dB; a tensor that holds most of a model's weights has then more than two
+#: sizes near the target to choose from
+SPANS = (1.0, 2 ** 0.25, 2 ** 0.5, 2 ** 0.75)
+SPAN_BITS = frozenset({3, 4, 5, 6, 7})
 #: weight of the first and the last quantized tensor (input and output layers) in the objective
 EDGE_WEIGHT = 4.0
 #: float32 parameters per parameter set of each method, at a width (a codebook may be shorter)
@@ -82,6 +89,7 @@ class Choice(NamedTuple):
     bits: int
     granularity: str  # "tensor", "channel" or "group:G", as ``Policy.granularity`` takes it
     method: str = "uniform"
+    span: float = 1.0  # a uniform grid's span over its values' range (``Decision.span``)
 
 
 class _Trial(NamedTuple):
@@ -94,6 +102,7 @@ class _Trial(NamedTuple):
     method: str = "uniform"
     snr_db: float = math.inf  # -20 log10(rel_rms)
     entry: TensorEntry | None = None  # header entry, length and crc32 filled (for the exact plan)
+    span: float = 1.0
 
 
 @dataclass
@@ -311,38 +320,49 @@ def _candidates(policy: Policy, granularities: tuple[str, ...]) -> tuple[tuple[s
     return tuple(dict.fromkeys(pairs))
 
 
+def _settings(method: str) -> list[tuple[int, float]]:
+    """(width, span) pairs tried for one method, in the same order for every tensor."""
+    return [(bits, span) for bits in CANDIDATE_BITS
+            for span in (SPANS if method == "uniform" and bits in SPAN_BITS else (1.0,))]
+
+
 def _trials(name: str, tensor: torch.Tensor, decision: Decision,
             candidates: tuple[tuple[str, str], ...]) -> list[tuple[_Trial, float]] | None:
-    """(trial, rel_rms) per (candidate, width); None if the tensor is stored raw whatever they
-    are (it holds NaN or Inf). Payloads are not kept, so memory stays one encode's.
+    """(trial, rel_rms) per (candidate, width, span); None if the tensor is stored raw whatever
+    they are (it holds NaN or Inf). Payloads are not kept, so memory stays one encode's.
 
     A candidate whose parameters alone would outweigh its packed indices (per-channel 256-entry
     codebooks on short rows, say) is not encoded: it costs more than twice what its indices do,
-    and fitting it is the slowest trial there is. Its column repeats the previous candidate's
-    trial at the same width, so every tensor keeps one column per candidate.
+    and fitting it is the slowest trial there is. Its column repeats the same method's trial
+    with one parameter set for the tensor, so every tensor keeps the same columns.
     """
-    encoded: dict[tuple[int, str, str], tuple[_Trial, float]] = {}
+    encoded: dict[tuple[int, str, str, float], tuple[_Trial, float]] = {}
+
+    def trial(method: str, bits: int, span: float, kind: str, group_size: int) -> tuple[_Trial, float] | None:
+        label = f"group:{group_size}" if group_size else kind
+        key = (bits, label, method, span)
+        if key not in encoded:  # a fallback repeats a trial: encode it once
+            entry, stored, row = encode_tensor(name, tensor, replace(
+                decision, encoding=method, bits=bits, granularity=kind, group_size=group_size, span=span))
+            if entry.encoding == "raw":
+                return None
+            entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
+            rel = row.rel_rms or 0.0
+            snr = -20 * math.log10(rel) if rel > 0 else math.inf
+            encoded[key] = (_Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0, method, snr,
+                                   entry, span), rel)
+        return encoded[key]
+
     found: list[tuple[_Trial, float]] = []
     for method, text in candidates:
         kind, group_size = granularity_for(text, tensor)
-        label = f"group:{group_size}" if group_size else kind
         rows = parameter_rows(tuple(tensor.shape), kind, group_size)
-        for bits in CANDIDATE_BITS:
-            if (bits, label, method) not in encoded:  # a fallback repeats a trial: encode it once
-                heavy = rows * _PARAMS_PER_ROW[method](bits) * 4 > tensor.numel() * bits / 8
-                if heavy and len(found) >= len(CANDIDATE_BITS):
-                    found.append(found[-len(CANDIDATE_BITS)])  # the previous candidate, same width
-                    continue
-                entry, stored, row = encode_tensor(name, tensor, replace(
-                    decision, encoding=method, bits=bits, granularity=kind, group_size=group_size))
-                if entry.encoding == "raw":
-                    return None
-                entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
-                rel = row.rel_rms or 0.0
-                snr = -20 * math.log10(rel) if rel > 0 else math.inf
-                trial = _Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0, method, snr, entry)
-                encoded[bits, label, method] = (trial, rel)
-            found.append(encoded[bits, label, method])
+        for bits, span in _settings(method):
+            heavy = rows > 1 and rows * _PARAMS_PER_ROW[method](bits) * 4 > tensor.numel() * bits / 8
+            done = trial(method, bits, span, *(("tensor", 0) if heavy else (kind, group_size)))
+            if done is None:
+                return None
+            found.append(done)
     return found
 
 
@@ -391,7 +411,7 @@ class _Planner:
         error = math.sqrt(sum(t.cost for t in chosen.values()) / max(sum(weights.values()), 1e-300))
         lowest = min((t.snr_db for t in chosen.values()), default=None)
         below = tuple(name for name, t in chosen.items() if min_snr_db is not None and t.snr_db < min_snr_db)
-        result = Allocation({name: Choice(t.bits, t.granularity, t.method) for name, t in chosen.items()},
+        result = Allocation({name: Choice(t.bits, t.granularity, t.method, t.span) for name, t in chosen.items()},
                             error, min_snr_db, None if lowest is None or math.isinf(lowest) else lowest, below,
                             0, self.fixed, self.quantized_bytes(columns), budget,
                             "sensitivity" if measured_sensitivity else "per-layer")

@@ -153,7 +153,7 @@ def pack(
         threads: tensors encoded side by side (default: one per two cores, at most 4); each holds
             its tensor's temporaries, so memory grows with it.
         policy_options: further :class:`qpack.policy.Policy` fields, e.g. ``min_snr_db=12.0``
-            (the allocation's quality floor, 15 dB SNR per quantized tensor by default) or
+            (the allocation's quality floor, 13 dB SNR per quantized tensor by default) or
             ``allow_below_floor=True``.
 
     Returns:
@@ -210,7 +210,8 @@ def pack(
         policy = dataclasses.replace(
             policy, bits_by_name=tuple((name, c.bits) for name, c in choices),
             granularity_by_name=tuple((name, c.granularity) for name, c in choices),
-            method_by_name=tuple((name, c.method) for name, c in choices), allocation=allocation)
+            method_by_name=tuple((name, c.method) for name, c in choices),
+            span_by_name=tuple((name, c.span) for name, c in choices if c.span != 1.0), allocation=allocation)
     elif sensitivity is not None or allocate_granularity is not None:
         what = "sensitivity weighs errors" if sensitivity is not None else "allocate_granularity lists choices"
         raise InputError(f"{what} for target_bpw or max_error (--target-bpw, --max-error); give one of them")

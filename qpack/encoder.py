@@ -123,7 +123,8 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
     rows = parameter_rows(shape, decision.granularity, group_size)
     row_length = group_size or None
     keep_zero = bool(decision.prune) or decision.exact_zero
-    params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=keep_zero)
+    span = {"span": decision.span} if decision.span != 1.0 and codec is codecs.uniform else {}
+    params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=keep_zero, **span)
     param_dtype = "float32"
     stored_params = None
     if decision.param_dtype == "uint8" and codec is codecs.uniform and not keep_zero:

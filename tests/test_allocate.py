@@ -12,6 +12,7 @@ from conftest import run_qpack as run
 
 import qpack
 from qpack.allocate import _COST, _SIZE, CANDIDATE_BITS, _allocate, _Trial
+from qpack.policy import DEFAULT_MIN_SNR_DB as FLOOR
 
 
 def state_dict():
@@ -73,8 +74,8 @@ def test_info_shows_the_choice(tmp_path):
     options = json.loads(described.metadata["qpack.options"])
     assert options["target_bpw"] == 4.0 and "allocated_bits" not in options  # the entries hold the choice
     summary = described.allocation
-    assert summary == packed.allocation and summary["min_snr_db"] == 15.0 and summary["objective"] == "per-layer"
-    assert summary["lowest_snr_db"] >= 15.0 and summary["below_floor"] == []
+    assert summary == packed.allocation and summary["min_snr_db"] == FLOOR and summary["objective"] == "per-layer"
+    assert summary["lowest_snr_db"] >= FLOOR and summary["below_floor"] == []
     assert summary["predicted_error"] == pytest.approx(
         math.sqrt(weighted_error(described) / (2 * 4.0 + 1)), rel=1e-3)  # three tensors, two at the edges
 
@@ -171,8 +172,8 @@ def test_max_error_on_the_command_line(tmp_path):
     assert len({r["bits"] for r in rows}) > 1  # a choice per tensor, not one width
     options = json.loads(doc["metadata"]["qpack.options"])
     assert options["max_error"] == 0.1 and doc["allocation"]["max_error"] == 0.1
-    assert doc["allocation"]["predicted_error"] <= 0.1 and doc["allocation"]["min_snr_db"] == 15.0
-    assert doc["allocation"]["lowest_snr_db"] >= 15.0
+    assert doc["allocation"]["predicted_error"] <= 0.1 and doc["allocation"]["min_snr_db"] == FLOOR
+    assert doc["allocation"]["lowest_snr_db"] >= FLOOR
     weights = [4.0 if i in (0, len(rows) - 1) else 1.0 for i in range(len(rows))]
     assert math.sqrt(sum(w * r["rel_rms"] ** 2 for w, r in zip(weights, rows)) / sum(weights)) <= 0.1
     assert "allocation: --max-error 0.1, per-layer objective" in run("info", "e.qpk", cwd=tmp_path).stdout
@@ -321,7 +322,7 @@ def test_small_input_and_output_layers_are_not_sacrificed(tmp_path):
     rel = {r.name: r.rel_rms for r in report.tensors if r.encoding != "raw"}
     assert bits_per_weight(report, state) <= 3.5
     assert max(rel["c1.weight"], rel["out.weight"]) < rel["c5.weight"] / 2, rel
-    assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= 15.0
+    assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= FLOOR
 
 
 def test_the_plan_is_the_file(tmp_path):
@@ -344,7 +345,7 @@ def test_a_target_met_only_below_the_floor_is_refused(tmp_path, capsys):
 
     state = lenet_like()
     torch.save(state, tmp_path / "model.pt")
-    with pytest.raises(qpack.InputError, match=r"below the quality floor of 15 dB SNR; the smallest target "
+    with pytest.raises(qpack.InputError, match=rf"below the quality floor of {FLOOR:g} dB SNR; the smallest target "
                                                r"that keeps every one above it is (\d+\.\d\d) bits per weight"):
         qpack.pack(state, tmp_path / "t.qpk", target_bpw=1.5)
     assert not (tmp_path / "t.qpk").exists()
@@ -356,7 +357,7 @@ def test_a_target_met_only_below_the_floor_is_refused(tmp_path, capsys):
     # the target it names is met, above the floor
     report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=feasible)
     assert bits_per_weight(report, state) <= feasible
-    assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= 15.0
+    assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= FLOOR
     # an explicit flag goes below it (and says so); a lower floor moves the limit
     below = qpack.pack(state, tmp_path / "b.qpk", target_bpw=1.5, allow_below_floor=True)
     assert below.allocation["below_floor"] and any(n.startswith("below the quality floor") for n in below.notes)
@@ -495,3 +496,62 @@ def test_a_larger_target_is_never_refused_after_a_smaller_one_was_met(tmp_path):
         assert report.file_bytes * 8 <= target * elements
         met.append(target)
     assert met
+
+
+# ------------------------------------------------------------------------ grids wider than their values
+
+def test_a_wider_grid_covers_the_values_and_steps_between_two_widths():
+    from qpack.codecs import uniform
+
+    values = torch.randn(6, 500, generator=torch.Generator().manual_seed(1))
+    plain = uniform.choose_params(values, 5, rows=6)
+    for span in (2 ** 0.25, 2 ** 0.5, 2 ** 0.75):
+        wide = uniform.choose_params(values, 5, rows=6, span=span)
+        assert (wide["min"] <= plain["min"]).all() and (wide["max"] >= plain["max"]).all()
+        ratio = (wide["max"] - wide["min"]) / (plain["max"] - plain["min"])
+        assert torch.allclose(ratio, torch.full_like(ratio, span), rtol=1e-6)
+        middle = lambda p: (p["min"].double() + p["max"].double()) / 2  # noqa: E731
+        assert torch.allclose(middle(wide), middle(plain), atol=1e-6)
+    with pytest.raises(ValueError, match="span"):
+        uniform.choose_params(values, 5, rows=6, span=0.5)
+    # a range at the edge of float32 keeps its own grid rather than overflow
+    edge = uniform.choose_params(torch.tensor([[-1e38, 1.5e38]]), 4, span=1.5)
+    assert edge["min"].item() == torch.tensor(-1e38).item() and edge["max"].item() == torch.tensor(1.5e38).item()
+
+
+def test_a_wider_grid_reads_back_by_the_formula_and_codes_smaller(tmp_path):
+    from qpack.policy import Policy
+
+    gen = torch.Generator().manual_seed(2)
+    state = {"w": torch.randn(128, 256, generator=gen)}
+    narrow = qpack.pack(state, tmp_path / "n.qpk", bits=5)
+    wide = qpack.pack(state, tmp_path / "w.qpk", bits=5, span_by_name=(("w", 2 ** 0.5),))
+    assert "1.41x its range" in wide.tensors[0].reason
+    assert wide.tensors[0].storage == "rans" and wide.file_bytes < narrow.file_bytes
+    assert wide.tensors[0].snr_db < narrow.tensors[0].snr_db
+    loaded, params = qpack.load(tmp_path / "w.qpk")["w"], qpack.info(tmp_path / "w.qpk").tensors[0].params
+    lo, hi = float(params["min"][0]), float(params["max"][0])
+    assert lo < float(state["w"].min()) and hi > float(state["w"].max())
+    step = np.float32(np.float32(hi - lo) / np.float32(31))
+    q = np.clip(np.rint((state["w"].numpy() - np.float32(lo)) / step), 0, 31).astype(np.float32)
+    expected = (np.float32(lo) + (step * q).astype(np.float32)).astype(np.float32)
+    assert np.array_equal(loaded.numpy(), expected)
+    assert q.max() < 31 and q.min() > 0  # the outer levels go unused
+    with pytest.raises(qpack.QpkError, match="span"):
+        Policy(span_by_name=(("w", 3.0),))
+
+
+def test_the_allocation_uses_wider_grids_between_widths(tmp_path, monkeypatch):
+    """A target between two widths' sizes is met with less error (the objective) with the
+    quarter-bit steps of wider grids than with whole widths only."""
+    import qpack.allocate as allocate
+
+    state = state_dict()
+    chosen = qpack.pack(state, tmp_path / "s.qpk", target_bpw=3.0, allow_below_floor=True)
+    rows = {r.name: r for r in chosen.tensors}
+    assert any("its range" in r.reason for r in rows.values())
+    monkeypatch.setattr(allocate, "SPANS", (1.0,))
+    whole = qpack.pack(state, tmp_path / "w.qpk", target_bpw=3.0, allow_below_floor=True)
+    assert not any("its range" in r.reason for r in whole.tensors)
+    assert bits_per_weight(chosen, state) <= 3.0 and bits_per_weight(whole, state) <= 3.0
+    assert weighted_error(chosen) < weighted_error(whole)

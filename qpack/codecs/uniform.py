@@ -36,8 +36,8 @@ def step_of(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
-                  row_length: int | None = None, keep_zero: bool = False) -> dict[str, torch.Tensor]:
-    """Per-row float32 min and max of ``tensor`` (flattened in C order).
+                  row_length: int | None = None, keep_zero: bool = False, span: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-row float32 min and max of ``tensor`` (flattened in C order), or a wider grid.
 
     Args:
         tensor: a finite floating tensor with at least one element.
@@ -47,15 +47,36 @@ def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
         row_length: elements per row when rows are groups (the last may be shorter).
         keep_zero: widen each row's range a little so that 0 is exactly one of its levels
             (pruned weights stay exactly zero).
+        span: each row's grid spans this many times its values' range, about its middle
+            (>= 1). Wider than the values, the grid's outer levels go unused and its step
+            grows: with entropy-coded indices (rANS), unused levels cost nothing, so spans
+            between 1 and 2 give the steps between two widths, and their sizes between.
 
     Returns:
         ``{"min": Tensor[rows], "max": Tensor[rows]}`` in float32.
     """
     view = as_rows(tensor, rows, row_length)  # min and max are exact in any dtype: no float32 copy
     lo, hi = view.amin(dim=1).to(torch.float32), view.amax(dim=1).to(torch.float32)
+    if span != 1.0:
+        lo, hi = _widened(lo, hi, span)
     if keep_zero:
         lo, hi = _range_with_exact_zero(lo.numpy(), hi.numpy(), bits)
     return {"min": lo, "max": hi}
+
+
+def _widened(lo: torch.Tensor, hi: torch.Tensor, span: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] scaled by ``span`` about its middle, in float64, rounded outward to float32
+    so that it still covers [lo, hi]; rows that would overflow float32 keep their range."""
+    if not (span >= 1.0 and np.isfinite(span)):
+        raise ValueError(f"a grid's span must be a finite number >= 1, got {span!r}")
+    low, high = lo.numpy().astype(np.float64), hi.numpy().astype(np.float64)
+    middle, half = (low + high) / 2, (high - low) / 2 * span
+    with np.errstate(over="ignore"):
+        new_lo = np.minimum(np.nextafter((middle - half).astype(np.float32), np.float32(-np.inf)), lo.numpy())
+        new_hi = np.maximum(np.nextafter((middle + half).astype(np.float32), np.float32(np.inf)), hi.numpy())
+        fits = np.isfinite(new_lo) & np.isfinite(new_hi) & np.isfinite(new_hi - new_lo) & (high > low)
+    return (torch.from_numpy(np.where(fits, new_lo, lo.numpy()).astype(np.float32)),
+            torch.from_numpy(np.where(fits, new_hi, hi.numpy()).astype(np.float32)))
 
 
 def as_float16(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
