@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .encoder import encode_tensor
+from .encoder import UNIQUE_LIMIT, count_distinct, encode_tensor
 from .errors import InputError
 from .format import TensorEntry, align, layout_offsets, parameter_rows
 from .policy import Decision, Policy, granularity_for, parse_granularity
@@ -337,13 +337,15 @@ def _trials(name: str, tensor: torch.Tensor, decision: Decision,
     with one parameter set for the tensor, so every tensor keeps the same columns.
     """
     encoded: dict[tuple[int, str, str, float], tuple[_Trial, float]] = {}
+    distinct = count_distinct(tensor) if tensor.numel() <= UNIQUE_LIMIT else None  # the same for every trial
 
     def trial(method: str, bits: int, span: float, kind: str, group_size: int) -> tuple[_Trial, float] | None:
         label = f"group:{group_size}" if group_size else kind
         key = (bits, label, method, span)
         if key not in encoded:  # a fallback repeats a trial: encode it once
             entry, stored, row = encode_tensor(name, tensor, replace(
-                decision, encoding=method, bits=bits, granularity=kind, group_size=group_size, span=span))
+                decision, encoding=method, bits=bits, granularity=kind, group_size=group_size, span=span),
+                distinct=distinct)
             if entry.encoding == "raw":
                 return None
             entry.length, entry.crc32 = len(stored), zlib.crc32(stored)

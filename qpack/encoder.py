@@ -87,8 +87,12 @@ def compress(raw: memoryview, itemsize: int = 1) -> tuple[str, memoryview | byte
     return best
 
 
-def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[TensorEntry, memoryview | bytes, TensorReport]:
+def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
+                  distinct: int | None = None) -> tuple[TensorEntry, memoryview | bytes, TensorReport]:
     """Encode one tensor as ``decision`` says.
+
+    ``distinct``: the tensor's count of distinct values when the caller knows it already
+    (:func:`count_distinct`; the allocation encodes one tensor dozens of times).
 
     Returns:
         Its header entry (offset, length and crc32 still to be filled by the writer), the
@@ -149,7 +153,8 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision) -> tuple[
                         raw_length=expected_raw_length(dtype, shape, decision.encoding, width),
                         width=width, group_size=group_size, param_dtype=param_dtype)
     row.param_dtype = param_dtype
-    row.unique_before = count_distinct(original) if original.numel() <= UNIQUE_LIMIT else None
+    if original.numel() <= UNIQUE_LIMIT:
+        row.unique_before = count_distinct(original) if distinct is None else distinct
     row.unique_after = int(np.count_nonzero(counts))
     # rounded so that summation order (BLAS, thread count) cannot change the file's bytes
     row.rel_rms = float(f"{math.sqrt(noise / signal):.4g}") if signal > 0 else (0.0 if noise == 0 else math.inf)
