@@ -421,10 +421,23 @@ def evaluate(arch: str, state: dict[str, torch.Tensor], data: tuple[torch.Tensor
             logits = net(inputs[i : i + 64])
             total += F.cross_entropy(logits.flatten(0, 1), targets[i : i + 64].flatten(), reduction="sum").item()
         return total / (n * ctx)
-    correct = 0
-    for i in range(0, len(y), 1000):
-        correct += (net(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item()
-    return correct / len(y)
+    right = correct_images(net, x, y)
+    return float(right.sum()) / len(y)
+
+
+def correct_images(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Which test images ``net`` classifies right (bool per image, for paired comparisons)."""
+    right = [(net(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).numpy() for i in range(0, len(y), 1000)]
+    return np.concatenate(right)
+
+
+@torch.no_grad()
+def evaluate_images(arch: str, state: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+    """:func:`evaluate`'s per-image answer for an MNIST network: right or wrong, per test image."""
+    net = build(arch)
+    net.load_state_dict(state)
+    net.eval()
+    return correct_images(net, *data)
 
 
 # ---------------------------------------------------------------------------------- training

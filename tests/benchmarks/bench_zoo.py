@@ -69,7 +69,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import _zoo  # noqa: E402
-from _zoo import ZOO, Entry, build, cache_dir, evaluate, load_checkpoint, load_mnist, load_text  # noqa: E402
+from _zoo import (ZOO, Entry, build, cache_dir, evaluate, evaluate_images, load_checkpoint, load_mnist,  # noqa: E402
+                  load_text)
 
 __all__ = ["evaluate", "load_mnist", "load_text", "load_zoo", "main", "text_eval", "write_cache_readme"]
 
@@ -214,6 +215,16 @@ def bench_network(entry: Entry, state: dict[str, torch.Tensor], meta: dict[str, 
     data = _eval_data(entry, mnist, text)
     elements = element_count(state)
     rows: list[dict[str, Any]] = []
+    answers: dict[str, np.ndarray] = {}  # setting -> right/wrong per test image (MNIST networks)
+
+    def score(loaded: dict[str, torch.Tensor]) -> float:
+        if entry.metric != "accuracy":
+            return evaluate(entry.arch, loaded, data)
+        right = evaluate_images(entry.arch, loaded, data)
+        answers[pending[0]] = right
+        return float(right.sum()) / len(right)
+
+    pending = [""]  # the setting being scored
 
     def add(kind: str, label: str, path: Path | None, metric: float | None, seconds: float, **extra: Any) -> dict:
         size = path.stat().st_size if path is not None else None
@@ -231,8 +242,8 @@ def bench_network(entry: Entry, state: dict[str, torch.Tensor], meta: dict[str, 
     started = time.perf_counter()
     fp32 = out / "fp32.pt"
     torch.save(state, fp32)
-    add("fp32", "fp32 torch.save", fp32, evaluate(entry.arch, torch.load(fp32, weights_only=True), data),
-        time.perf_counter() - started)
+    pending[0] = "fp32 torch.save"
+    add("fp32", "fp32 torch.save", fp32, score(torch.load(fp32, weights_only=True)), time.perf_counter() - started)
 
     def qpack_row(label: str, options: dict[str, Any], filename: str) -> None:
         path = out / filename
@@ -243,7 +254,8 @@ def bench_network(entry: Entry, state: dict[str, torch.Tensor], meta: dict[str, 
             add("qpack", label, None, None, time.perf_counter() - started, options=options, error=str(exc))
             return
         chosen = {t.name: t.bits for t in report.tensors if t.encoding != "raw"}
-        add("qpack", label, path, evaluate(entry.arch, qpack.load(path), data), time.perf_counter() - started,
+        pending[0] = label
+        add("qpack", label, path, score(qpack.load(path)), time.perf_counter() - started,
             options=options, bits={"min": min(chosen.values(), default=None), "max": max(chosen.values(), default=None)})
 
     for label, options in QPACK_SETTINGS:
@@ -254,12 +266,14 @@ def bench_network(entry: Entry, state: dict[str, torch.Tensor], meta: dict[str, 
         path = out / f"{qtype.lower()}.gguf"
         started = time.perf_counter()
         padded = write_gguf(state, path, qtype, quantized)
-        add("gguf", f"GGUF {qtype}", path, evaluate(entry.arch, read_gguf(path, state), data),
+        pending[0] = f"GGUF {qtype}"
+        add("gguf", f"GGUF {qtype}", path, score(read_gguf(path, state)),
             time.perf_counter() - started, padded_elements=padded)
     path = out / "nf4-b64.safetensors"
     started = time.perf_counter()
     write_nf4(state, path, quantized)
-    add("nf4", "NF4 block 64", path, evaluate(entry.arch, read_nf4(path, state), data), time.perf_counter() - started)
+    pending[0] = "NF4 block 64"
+    add("nf4", "NF4 block 64", path, score(read_nf4(path, state)), time.perf_counter() - started)
 
     # qpack at GGUF Q4_0's bits per weight, for the "at Q4_0's size" check
     q4 = next(r for r in rows if r["setting"] == "GGUF Q4_0")
@@ -267,7 +281,7 @@ def bench_network(entry: Entry, state: dict[str, torch.Tensor], meta: dict[str, 
     qpack_row(f"--target-bpw {target:g} (=Q4_0)", {"target_bpw": target}, "target-q4_0.qpk")
     return {"name": entry.name, "arch": entry.arch, "title": entry.title, "metric": entry.metric,
             "recipe": meta["recipe"], "parameters": meta["parameters"], "elements": elements,
-            "quantized_tensors": quantized, "rows": rows, "checks": checks(entry, rows)}
+            "quantized_tensors": quantized, "rows": rows, "checks": checks(entry, rows, answers)}
 
 
 def _filename(label: str) -> str:
@@ -286,13 +300,30 @@ LIMITS = {"target4": 0.1, "target3": 0.3, "b8": 0.05, "loss4": 0.01}
 EPS = 1e-9
 
 
-def checks(entry: Entry, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's "Done when" criteria on one network: name, pass, and what was compared."""
+def checks(entry: Entry, rows: list[dict[str, Any]], answers: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """The issue's "Done when" criteria on one network: name, pass, and what was compared.
+
+    With ``answers`` (right/wrong per test image, per setting), each comparison of two files
+    also gets a paired check: the allocation is "not worse beyond noise" when it is as good,
+    or McNemar's exact p on the images the two disagree on is at least 0.05 (a difference of
+    a few images out of 10,000 is not a loss the data can show).
+    """
+    from qpack.demo.stats import ALPHA, mcnemar_exact_p
+
     by = {r["setting"]: r for r in rows}
     out = []
 
     def check(name: str, ok: bool | None, detail: str) -> None:
         out.append({"check": name, "pass": ok, "detail": detail})
+
+    def paired(name: str, ours: dict[str, Any], other: dict[str, Any]) -> None:
+        if not answers or ours["setting"] not in answers or other["setting"] not in answers:
+            return
+        mine, theirs = answers[ours["setting"]], answers[other["setting"]]
+        lost, gained = int((theirs & ~mine).sum()), int((mine & ~theirs).sum())
+        p = mcnemar_exact_p(lost, gained)
+        check(f"{name}, beyond noise", gained >= lost or p >= ALPHA,
+              f"{ours['setting']} vs {other['setting']}: {lost} images lost, {gained} gained, McNemar p {p:.2g}")
 
     def dropped(label: str) -> float | None:
         row = by.get(label)
@@ -316,6 +347,7 @@ def checks(entry: Entry, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         check("qpack at Q4_0's bpw <= Q4_0's drop", at["drop"] <= q4["drop"] + EPS and at["file_bytes"] <= q4["file_bytes"],
               f"{at['setting']}: {at['bits_per_weight']:.3f} bpw {at['drop']:+.3g} {unit}; "
               f"Q4_0 {q4['bits_per_weight']:.3f} bpw {q4['drop']:+.3g} {unit}")
+        paired("qpack at Q4_0's bpw <= Q4_0's drop", at, q4)
     fixed = [r for r in rows if r["kind"] == "qpack" and "target_bpw" not in r["options"] and r["metric"] is not None]
     for x in (3, 4, 5):
         row = by[f"--target-bpw {x}"]
@@ -330,6 +362,7 @@ def checks(entry: Entry, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             check(name, row["drop"] <= best["drop"] + EPS and row["bits_per_weight"] <= x + EPS,
                   f"{row['bits_per_weight']:.3f} bpw {row['drop']:+.3g} {unit} vs {best['setting']} "
                   f"{best['bits_per_weight']:.3f} bpw {best['drop']:+.3g} {unit}")
+            paired(name, row, best)
     return out
 
 
