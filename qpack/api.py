@@ -23,7 +23,7 @@ from .encoder import TensorReport, encode_tensor, error_energy, snr_db, storage_
 from .errors import InputError
 from .format import MAGIC, TensorEntry, default_max_bytes, param_values
 from .parallel import default_workers, ordered_map, torch_threads
-from .policy import Policy
+from .policy import Policy, normalized_outputs
 from .reader import MaxBytes, QpkReader
 from .sources import open_source
 from .writer import QpkWriter, atomic_output, check_output_path
@@ -182,6 +182,8 @@ def pack(
     else:
         checkpoint = from_mapping(source)
         provenance = {}
+    if policy.normalized is None and policy.channel_spread is not None:
+        policy = dataclasses.replace(policy, normalized=normalized_outputs(checkpoint.tensors))
     extra = {}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -14,7 +15,7 @@ from .errors import InputError
 from .prune import check_fraction
 
 __all__ = ["Policy", "Decision", "METHODS", "DEFAULT_MIN_SNR_DB", "GRANULARITIES", "PARAM_DTYPES", "parse_granularity",
-           "granularity_for"]
+           "granularity_for", "normalized_outputs"]
 
 METHODS = ("uniform", "kmeans")
 RANS_MODES = ("auto", "always", "never")
@@ -91,7 +92,14 @@ class Policy:
             the tensor's gets a grid per channel instead (one grid would give that channel
             this many times the tensor's relative error, and a BatchNorm after it keeps it),
             at 6 bits or more and if its rows hold at least 256 bits of indices; None keeps
-            one grid per tensor always. The only decision made from the values.
+            one grid per tensor always. The only decision made from the values. It applies to
+            the tensors in ``normalized`` only.
+        normalized: names of the weights whose outputs a BatchNorm normalises (its running
+            statistics follow the weight's module in the state dict, one per output channel:
+            :func:`normalized_outputs`; ``pack`` finds them). Without a BatchNorm a weak
+            channel's output stays weak and its error with it, so one grid is right (an
+            L1-trained layer with many near-dead rows would pay 40x the bytes per channel).
+            None: every tensor is treated as normalised.
         prune: zero this fraction of smallest-magnitude weights in each quantized tensor
             (zero is then an exact level of its grid or codebook).
         exact_zero: give every grid or codebook an exact 0 level, as pruning does, without
@@ -142,6 +150,8 @@ class Policy:
     #: a per-tensor uniform grid becomes one per channel for a >= 2-D tensor whose weakest
     #: channel's RMS is this many times below the tensor's (None: never)
     channel_spread: float | None = DEFAULT_CHANNEL_SPREAD
+    #: weights followed by a BatchNorm (the channel_spread rule's scope; None: all)
+    normalized: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.prune is not None:
@@ -232,7 +242,8 @@ class Policy:
             # 6 bits or more (below, granularity is a size trade the user or the allocation
             # makes), and rows long enough that 8 bytes of grid stay within a quarter of their indices
             wide = self.bits >= 6 and tensor.numel() // tensor.shape[0] * self.bits >= 256
-            if kind == "tensor" and self.method == "uniform" and self.channel_spread is not None and wide:
+            scoped = self.normalized is None or name in self.normalized
+            if kind == "tensor" and self.method == "uniform" and self.channel_spread is not None and wide and scoped:
                 spread = channel_spread(tensor)
                 if spread > self.channel_spread:
                     return Decision(self.method, self.bits, "channel", f"weight; a channel {spread:.0f}x weaker "
@@ -241,6 +252,27 @@ class Policy:
         if self.bias_bits is not None:
             return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)")
         return Decision("raw", 0, "tensor", "1-D (bias or norm)")
+
+
+def normalized_outputs(tensors: Mapping[str, torch.Tensor]) -> frozenset[str]:
+    """The >= 2-D weights whose outputs a BatchNorm normalises: the next module after the
+    weight's own (by name prefix, in state-dict order) holds ``running_var`` with one value
+    per output channel (conv -> BatchNorm2d, linear -> BatchNorm1d, and a pre-activation
+    block's conv -> the next BatchNorm). Names decide first, so a lazy source loads only
+    the few tensors of such pairs (none for a model without BatchNorm)."""
+    modules: dict[str, set[str]] = {}
+    for name in tensors:
+        module, _, leaf = name.rpartition(".")
+        modules.setdefault(module, set()).add(leaf)
+    order = list(modules)
+    found = set()
+    for module, following in zip(order, order[1:]):
+        if "weight" in modules[module] and "running_var" in modules[following]:
+            weight = tensors[f"{module}.weight" if module else "weight"]
+            stats = tensors[f"{following}.running_var" if following else "running_var"]
+            if weight.dim() >= 2 and stats.numel() == weight.shape[0]:
+                found.add(f"{module}.weight" if module else "weight")
+    return frozenset(found)
 
 
 def channel_spread(tensor: torch.Tensor) -> float:

@@ -459,9 +459,17 @@ def after_batchnorm(weight, rebuilt):
     return ((z - y) / std).pow(2).mean(dim=(0, 2, 3)).sqrt()
 
 
+def with_batchnorm(weight, name="conv"):
+    """A state dict of ``weight`` followed by a BatchNorm over its output channels."""
+    channels = weight.shape[0]
+    return {f"{name}.weight": weight, "bn.weight": torch.ones(channels), "bn.bias": torch.zeros(channels),
+            "bn.running_mean": torch.zeros(channels), "bn.running_var": torch.ones(channels),
+            "bn.num_batches_tracked": torch.tensor(1)}
+
+
 def test_a_weak_channel_gets_its_own_grid_at_the_default_setting(tmp_path):
     weight = weak_channel_conv()
-    state = {"conv.weight": weight}
+    state = with_batchnorm(weight)
     one_grid = qpack.pack(state, tmp_path / "t.qpk", channel_spread=None)
     assert one_grid.tensors[0].granularity == "tensor"
     worst_one_grid = float(after_batchnorm(weight, qpack.load(tmp_path / "t.qpk")["conv.weight"]).max())
@@ -477,8 +485,26 @@ def test_a_weak_channel_gets_its_own_grid_at_the_default_setting(tmp_path):
     gen = torch.Generator().manual_seed(4)
     for tensor, options in [(torch.randn(64, 40, generator=gen), {}), (weight, {"granularity": "group:64"}),
                             (weak_channel_conv().reshape(-1, 2)[:, :1], {})]:
-        report = qpack.pack({"w": tensor}, tmp_path / "o.qpk", force=True, **options)
+        report = qpack.pack(with_batchnorm(tensor, "w"), tmp_path / "o.qpk", force=True, **options)
         assert report.tensors[0].granularity == options.get("granularity", "tensor").partition(":")[0]
+
+
+def test_a_weak_channel_without_batchnorm_keeps_one_grid(tmp_path):
+    """Without a BatchNorm after it, a weak channel's output stays weak, and so does its error:
+    one grid is right. (An L1-trained layer with many near-dead rows paid 40x the bytes for
+    grids per channel, at no gain in accuracy.)"""
+    from qpack.policy import normalized_outputs
+
+    weight = weak_channel_conv()
+    alone = qpack.pack({"conv.weight": weight}, tmp_path / "a.qpk")
+    assert alone.tensors[0].granularity == "tensor"
+    state = {"a.weight": weight, "a.bias": torch.zeros(32), **with_batchnorm(weak_channel_conv()[:, :8], "b")}
+    state["c.weight"] = torch.randn(10, 32)  # a linear after the BatchNorm: not normalised
+    assert normalized_outputs(state) == {"b.weight"}
+    report = {r.name: r.granularity for r in qpack.pack(state, tmp_path / "s.qpk").tensors}
+    assert report["a.weight"] == "tensor" and report["b.weight"] == "channel"
+    # a mismatched length (not this weight's channels) is not its BatchNorm
+    assert normalized_outputs({"x.weight": weight, "bn.running_var": torch.ones(16)}) == frozenset()
 
 
 def test_a_larger_target_is_never_refused_after_a_smaller_one_was_met(tmp_path):

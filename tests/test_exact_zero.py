@@ -27,13 +27,23 @@ def l1_like(rows: int, cols: int, seed: int) -> torch.Tensor:
     ("uniform", 2, "tensor"), ("uniform", 3, "channel"), ("uniform", 5, "group:64"), ("uniform", 8, "tensor"),
     ("kmeans", 2, "tensor"), ("kmeans", 4, "channel"),
 ])
-def test_zeros_stay_zero_and_the_error_drops(tmp_path, method, bits, granularity):
+def test_zeros_stay_zero_and_the_error_drops(tmp_path, monkeypatch, method, bits, granularity):
+    from qpack.codecs import uniform
+
     weights = {"fc.weight": l1_like(96, 160, seed=bits)}
     zeros = weights["fc.weight"] == 0
     # one grid per tensor even where a row is weaker than the rest (channel_spread)
     options = {"bits": bits, "method": method, "granularity": granularity, "channel_spread": None}
-    plain = qpack.pack(weights, tmp_path / "plain.qpk", **options)
     exact = qpack.pack(weights, tmp_path / "exact.qpk", exact_zero=True, **options)
+    if method == "uniform":
+        # most of these weights lie within half a step of 0: the default grid holds an exact 0
+        # by itself (uniform.ZERO_HEAVY), as --exact-zero does
+        auto = qpack.pack(weights, tmp_path / "auto.qpk", **options)
+        assert "a grid with an exact 0" in auto.tensors[0].reason
+        assert torch.all(qpack.load(tmp_path / "auto.qpk")["fc.weight"][zeros] == 0)
+        assert auto.tensors[0].rel_rms == exact.tensors[0].rel_rms
+        monkeypatch.setattr(uniform, "ZERO_HEAVY", 2.0)  # a plain min/max grid, for comparison
+    plain = qpack.pack(weights, tmp_path / "plain.qpk", **options)
     loaded = qpack.load(tmp_path / "exact.qpk")["fc.weight"]
     assert torch.all(loaded[zeros] == 0)
     if method == "kmeans":

@@ -18,7 +18,7 @@ from .lookup import lookup, worth_a_table
 from .rows import as_rows, from_rows
 
 __all__ = ["choose_params", "quantize", "dequantize", "dequantize_with_step", "step_of", "as_float16", "as_uint8",
-           "from_uint8"]
+           "from_uint8", "zero_heavy", "ZERO_HEAVY"]
 
 #: float16 parameters are used only when rounding them widens the grids' spans (root mean
 #: square over rows) by at most this share
@@ -62,6 +62,29 @@ def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
     if keep_zero:
         lo, hi = _range_with_exact_zero(lo.numpy(), hi.numpy(), bits)
     return {"min": lo, "max": hi}
+
+
+#: a grid gets an exact 0 level by itself when more than this share of the values lie within
+#: half a step of 0: an L1-trained or sparse layer, whose near-zero weights a grid with 0
+#: between two levels would all push half a step away (a seed CNN's fc1 at 6 bits: relative
+#: error 1.01, SNR -0.1 dB; with a 0 level, 0.096 and 20.3 dB, in fewer bytes). Dense
+#: Gaussian or Laplace weights come near it only at 1-2 bits, where a 0 level helps too.
+ZERO_HEAVY = 0.5
+
+
+def zero_heavy(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int, rows: int,
+               row_length: int | None) -> bool:
+    """Whether more than ``ZERO_HEAVY`` of the values lie within half a step of 0 (and 0 is
+    not a level already), on the grids ``params`` give."""
+    lo, hi = params["min"].to(torch.float64), params["max"].to(torch.float64)
+    if bits < 2 or not bool(((lo < 0) & (hi > 0)).any()):
+        return False  # two levels cannot hold 0 and both sides; or 0 is an end of every grid already
+    half_step = ((hi - lo) / ((1 << bits) - 1) / 2)[:, None]
+    view = as_rows(tensor, rows, row_length)
+    per_block = max(1, (1 << 22) // max(view.shape[1], 1))  # bounded temporaries
+    near = sum(int((view[start:start + per_block].abs().to(torch.float64) < half_step[start:start + per_block]).sum())
+               for start in range(0, rows, per_block))
+    return near > ZERO_HEAVY * view.numel()
 
 
 def _widened(lo: torch.Tensor, hi: torch.Tensor, span: float) -> tuple[torch.Tensor, torch.Tensor]:
