@@ -36,7 +36,7 @@ ZSTD_LEVEL = 3
 MAX_EXACT_VALUES = 256
 EXACT_MIN_USES = 16
 #: elements looked at first to tell a tensor of many values cheaply (a strided sample)
-_EXACT_SAMPLE = 1 << 16
+_EXACT_SAMPLE = 1 << 12
 #: integer views of each float dtype: values are told apart by their bits (-0.0 from +0.0)
 _BITS_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
             torch.float64: torch.int64}
