@@ -129,7 +129,7 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
         return entry, stored, row
 
     most = min(MAX_EXACT_VALUES, 1 << decision.bits, tensor.numel() // EXACT_MIN_USES)
-    if not decision.prune and most >= 1 and (distinct is None or distinct <= most):
+    if decision.exact_values and not decision.prune and most >= 1 and (distinct is None or distinct <= most):
         exact = exact_codebook(tensor, most)
         if exact is not None:
             return _encode_exact(name, tensor, *exact, decision, row)

@@ -3,12 +3,12 @@
 The network (784-300-100-10) is trained briefly on MNIST when ../shared holds it (else left
 at its initial weights: the masks' statistics are the same), pruned with
 ``torch.nn.utils.prune.l1_unstructured`` (90 % of each weight), and its state dict
-(``weight_orig``, ``weight_mask``, ``bias``) packed at ``-b 8``. "before" switches the exact
-path off (``encoder.MAX_EXACT_VALUES = 0``, the code as it was); "after" is the code as it
+(``weight_orig``, ``weight_mask``, ``bias``) packed at ``-b 8`` (``--bits``). "before" switches the exact
+path off (``exact_values=False``, the code as it was); "after" is the code as it
 is. For each mask: its bytes in the file, bits per element, whether it comes back bit for
 bit, and n·H (its elements' empirical entropy, the least an order-0 coder can spend).
 
-    OMP_NUM_THREADS=1 python tests/benchmarks/bench_masks.py [--amount 0.9] [--json out.json]
+    OMP_NUM_THREADS=1 python tests/benchmarks/bench_masks.py [--amount 0.9] [--bits 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch.nn.utils.prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import qpack  # noqa: E402
-from qpack import encoder  # noqa: E402
 
 MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
@@ -60,9 +59,9 @@ def entropy_bytes(mask: torch.Tensor) -> float:
     return mask.numel() * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
 
 
-def measure(state: dict[str, torch.Tensor], folder: Path, label: str) -> dict:
+def measure(state: dict[str, torch.Tensor], folder: Path, label: str, bits: int) -> dict:
     path = folder / f"{label}.qpk"
-    report = qpack.pack(state, path, bits=8, force=True)
+    report = qpack.pack(state, path, bits=bits, force=True, exact_values=label == "after")
     back = qpack.load(path)
     rows = {}
     for row in report.tensors:
@@ -81,20 +80,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--amount", type=float, default=0.9)
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     state, how = lenet_300_100(args.amount, args.train_steps)
-    results = {"network": "LeNet-300-100, l1_unstructured " + f"{args.amount:.0%}", "weights": how}
+    results = {"network": "LeNet-300-100, l1_unstructured " + f"{args.amount:.0%}", "weights": how, "bits": args.bits}
     with tempfile.TemporaryDirectory() as folder:
-        kept = encoder.MAX_EXACT_VALUES
-        encoder.MAX_EXACT_VALUES = 0
-        try:
-            results["before"] = measure(state, Path(folder), "before")
-        finally:
-            encoder.MAX_EXACT_VALUES = kept
-        results["after"] = measure(state, Path(folder), "after")
-    print(f"{results['network']}; {how}; packed at -b 8")
+        results["before"] = measure(state, Path(folder), "before", args.bits)
+        results["after"] = measure(state, Path(folder), "after", args.bits)
+    print(f"{results['network']}; {how}; packed at -b {args.bits}")
     print(f"{'mask':<14} {'numel':>7} {'n*H':>8} | {'before':>7} {'b/el':>5} {'exact':>5} | "
           f"{'after':>7} {'b/el':>5} {'exact':>5}  encoding after")
     for name, before in results["before"]["masks"].items():
