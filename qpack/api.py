@@ -324,8 +324,8 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
             times the file's size, at least 16 MiB; a number; None for no bound.
         nested: give back the checkpoint as it was packed, when its ``qpack.structure``
             metadata records one (``{"model_state": {...}, "config": {...}}``: the state
-            dict where it sat, beside the plain data kept; qpack.structure); else, and by
-            default, the flat state dict.
+            dict where it sat, beside the plain data kept; see the module qpack.structure);
+            else, and by default, the flat state dict.
 
     Returns:
         ``{name: tensor}`` in the order they were packed (with ``nested``, the checkpoint).

@@ -42,8 +42,8 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     #: plain scalars and strings found among the tensors, kept as file metadata
     scalars: dict[str, str] = field(default_factory=dict)
-    #: the ``qpack.structure`` entry (qpack.structure): the input's nesting and plain data,
-    #: None for a flat state dict
+    #: the ``qpack.structure`` metadata entry (the module of that name): the input's nesting
+    #: and plain data as JSON, None for a flat state dict
     structure: str | None = None
 
 
@@ -162,8 +162,8 @@ def from_mapping(obj: Any, *, source: str = "the input") -> Checkpoint:
     Training state (TRAINING_KEYS) is left out with a note. Nested dicts of tensors are
     flattened with dots. Where the object is more than a flat mapping of names to tensors,
     its nesting and plain data (JSON-safe values: config, vocabularies) are kept as the
-    ``qpack.structure`` metadata entry (qpack.structure), for ``unpack`` to rebuild; other
-    values are left out with a note. Without that entry (it would pass the metadata limits)
+    ``qpack.structure`` metadata entry (see the module of that name), for ``unpack`` to
+    rebuild; other values are left out with a note. Without that entry (it would pass the metadata limits)
     plain scalars are kept as ``state.NAME`` entries.
     """
     if isinstance(obj, torch.nn.Module):
