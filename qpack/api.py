@@ -26,6 +26,7 @@ from .parallel import default_workers, ordered_map, torch_threads
 from .policy import Policy, normalized_outputs
 from .reader import MaxBytes, QpkReader
 from .sources import open_source
+from .structure import STRUCTURE_KEY, rebuild
 from .writer import QpkWriter, atomic_output, check_output_path
 
 __all__ = ["pack", "load", "load_into", "unpack", "info", "verify", "diff", "load_state", "PackReport",
@@ -192,8 +193,9 @@ def pack(
 
     def file_metadata(candidates: tuple[str, ...], summary: dict[str, Any] | None) -> dict[str, str]:
         options = _options(policy, target_bpw, max_error, candidates, summary)
+        structure = {} if checkpoint.structure is None else {STRUCTURE_KEY: checkpoint.structure}
         return {"qpack.version": __version__, **provenance, "qpack.options": json.dumps(options, sort_keys=True),
-                **checkpoint.scalars, **extra}
+                **structure, **checkpoint.scalars, **extra}
 
     candidates: tuple[str, ...] = ()
     summary = None
@@ -309,7 +311,7 @@ def _sha256(path: Path) -> str:
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
          threads: int | None = None, progress: Progress | None = None,
-         max_bytes: MaxBytes = "auto") -> dict[str, torch.Tensor]:
+         max_bytes: MaxBytes = "auto", nested: bool = False) -> Any:
     """Read a .qpk file back into a state dict.
 
     Quantized tensors are unpacked and dequantized on ``device``: only the packed indices and
@@ -322,12 +324,17 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
         progress: called after each tensor with (name, done, total).
         max_bytes: the most bytes the tensors may take in all (spec R23): "auto" for 256
             times the file's size, at least 16 MiB; a number; None for no bound.
+        nested: give back the checkpoint as it was packed, when its ``qpack.structure``
+            metadata records one (``{"model_state": {...}, "config": {...}}``: the state
+            dict where it sat, beside the plain data kept; see the module qpack.structure);
+            else, and by default, the flat state dict.
 
     Returns:
-        ``{name: tensor}`` in the order they were packed.
+        ``{name: tensor}`` in the order they were packed (with ``nested``, the checkpoint).
 
     Raises:
-        InputError: the path is missing or not a file.
+        InputError: the path is missing or not a file; with ``nested``, a structure entry
+            that cannot be rebuilt (StructureError).
         FormatError: the file is not a valid .qpk.
         OutOfMemoryError: the tensors would take more than ``max_bytes``, or an allocation
             failed (the message names the tensor and the bytes).
@@ -335,9 +342,11 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
     device = torch.device(device)
     with QpkReader(path, max_bytes=max_bytes) as reader:
         names = reader.keys()
+        structure = reader.metadata.get(STRUCTURE_KEY) if nested else None
         decoded = ordered_map(lambda n: reader.tensor(n, device), names,
                               min(threads or default_workers(), len(names)))
-        return _collect(names, decoded, progress)
+        state = _collect(names, decoded, progress)
+    return state if structure is None else rebuild(structure, state, source=str(path))
 
 
 def _collect(names: list[str], tensors: Iterable[torch.Tensor], progress: Progress | None) -> dict[str, torch.Tensor]:
@@ -407,8 +416,12 @@ def _wrapper_prefix_problem(model_names: Iterable[str], file_names: Iterable[str
 
 def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: bool = False,
            format: str | None = None, progress: Progress | None = None,
-           max_bytes: MaxBytes = "auto") -> Path:
-    """Write a .qpk file back as a plain state dict (atomically).
+           max_bytes: MaxBytes = "auto", flat: bool = False) -> Path:
+    """Write a .qpk file back as a checkpoint (atomically).
+
+    A "pt" file holds what was packed, nested as it was (``load(nested=True)``): the state
+    dict where it sat and the plain data kept beside it; what packing left out (optimizer
+    state, objects) stays out. Safetensors holds the flat state dict, with the file's metadata.
 
     Args:
         src: the .qpk file.
@@ -418,10 +431,12 @@ def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: b
             decides (.safetensors, else pt).
         progress: called after each tensor is decoded.
         max_bytes: as for :func:`load`.
+        flat: write the flat state dict (``qpack.load``'s names) even where the file
+            records a nesting.
 
     Raises:
         OutputExistsError: ``dst`` exists and ``force`` is False.
-        InputError: an unknown format.
+        InputError: an unknown format; a structure entry that cannot be rebuilt.
         OutOfMemoryError: as for :func:`load`.
     """
     dst = Path(dst)
@@ -429,7 +444,7 @@ def unpack(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, force: b
     if format not in ("pt", "safetensors"):
         raise InputError(f"unknown output format {format!r}; choose pt or safetensors")
     check_output_path(dst, force)
-    state = load(src, progress=progress, max_bytes=max_bytes)
+    state = load(src, progress=progress, max_bytes=max_bytes, nested=not flat and format == "pt")
     if format == "safetensors":
         try:
             from safetensors.torch import save

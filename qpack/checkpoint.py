@@ -21,6 +21,7 @@ import torch
 from .dtypes import name_of_dtype
 from .errors import InputError
 from .format import DEFAULT_LIMITS, MAGIC, metadata_problem
+from .structure import MAX_DEPTH, STRUCTURE_KEY, describe
 
 __all__ = ["Checkpoint", "from_mapping", "read_checkpoint"]
 
@@ -41,6 +42,9 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     #: plain scalars and strings found among the tensors, kept as file metadata
     scalars: dict[str, str] = field(default_factory=dict)
+    #: the ``qpack.structure`` metadata entry (the module of that name): the input's nesting
+    #: and plain data as JSON, None for a flat state dict
+    structure: str | None = None
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
@@ -152,31 +156,33 @@ def _first_line(text: str) -> str:
 def from_mapping(obj: Any, *, source: str = "the input") -> Checkpoint:
     """Find the state dict inside a loaded object and check every tensor can be stored.
 
-    A training checkpoint's model weights nested under one of NESTED_KEYS are taken and the
-    rest (optimizer state, counters) is left out with a note. Nested dicts of tensors are
-    flattened with dots. Plain scalars and strings are kept as metadata; other values are
-    left out with a note.
+    The state dict is the object itself when it holds tensors at its top level, else the
+    value under one of NESTED_KEYS, else the one value (training state aside) that holds
+    tensors, when it has siblings (``{"net": sd, "epoch": 3}``); this repeats downwards.
+    Training state (TRAINING_KEYS) is left out with a note. Nested dicts of tensors are
+    flattened with dots. Where the object is more than a flat mapping of names to tensors,
+    its nesting and plain data (JSON-safe values: config, vocabularies) are kept as the
+    ``qpack.structure`` metadata entry (see the module of that name), for ``unpack`` to
+    rebuild; other values are left out with a note. Without that entry (it would pass the metadata limits)
+    plain scalars are kept as ``state.NAME`` entries.
     """
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise InputError(f"{source} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
-    notes: list[str] = []
-    if not _holds_tensors(obj):
-        for key in NESTED_KEYS:
-            value = obj.get(key)
-            if isinstance(value, torch.nn.Module):
-                value = value.state_dict()
-            if isinstance(value, Mapping) and _holds_tensors(value):
-                rest = [str(k) for k in obj if k != key]
-                if rest:
-                    notes.append(f"took the state dict under {key!r}; left out {', '.join(rest[:8])}"
-                                 + (f" and {len(rest) - 8} more" if len(rest) > 8 else ""))
-                obj = value
-                break
+    root, path, notes = obj, [], []
+    while not _holds_tensors(obj) and len(path) < MAX_DEPTH:
+        key = _container_key(obj)
+        if key is None:
+            break
+        value = obj[key]
+        obj = value.state_dict() if isinstance(value, torch.nn.Module) else value
+        path.append(key)
+    if path:
+        notes.append(f"took the state dict under {'.'.join(map(repr, path))}")
+    container = obj
     training = [key for key in obj if key in TRAINING_KEYS and isinstance(obj[key], (Mapping, list))]
     if training:
-        notes.append(f"left out training state: {', '.join(map(str, training))}")
         obj = {k: v for k, v in obj.items() if k not in training}
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, str] = {}
@@ -185,21 +191,64 @@ def from_mapping(obj: Any, *, source: str = "the input") -> Checkpoint:
     if not tensors:
         found = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:6])
         raise InputError(f"{source} holds no tensors (found {{{found}}})")
+    for name, tensor in tensors.items():
+        _check_tensor(name, tensor)
+    found = describe(root, tuple(path), container, tensors, TRAINING_KEYS)
+    if found.text is not None and found.with_plain:
+        if found.kept:
+            notes.append(f"kept {_some(found.kept)} as plain data ({STRUCTURE_KEY} metadata: unpack rebuilds "
+                         "the nesting)")
+        elif path:
+            notes.append(f"kept the nesting ({STRUCTURE_KEY} metadata: unpack rebuilds it)")
+        training_left = [entry.rsplit(" (", 1)[0] for entry in found.left_out if entry.endswith("(training state)")]
+        if training_left:
+            notes.append(f"left out training state: {_some(training_left)}")
+        others = [entry for entry in found.left_out if not entry.endswith("(training state)")]
+        if others:
+            notes.append(f"left out {len(others)} value(s): {_some(others)}")
+        return Checkpoint(tensors, notes, {}, found.text)  # the plain data are in the structure
+    # no structure, or one of the nesting only (the plain data would pass the metadata limit):
+    # plain scalars as state.* entries, as qpack did before it recorded structures
+    if path:
+        rest = [str(k) for k in root if k != path[0]]
+        if rest:
+            notes[-1] += f"; left out {_some(rest)}"
+    if training:
+        notes.append(f"left out training state: {', '.join(map(str, training))}")
     if skipped:
         notes.append(f"left out {len(skipped)} non-tensor value(s): {', '.join(skipped[:6])}")
     if scalars:
         notes.append(f"kept {len(scalars)} scalar value(s) as metadata (state.<name>)")
-    for name, tensor in tensors.items():
-        _check_tensor(name, tensor)
-    return Checkpoint(tensors, notes, scalars)
+    if found.text is not None:
+        notes.append(f"kept the nesting only ({STRUCTURE_KEY} metadata): the plain data would pass the "
+                     "metadata limits")
+    return Checkpoint(tensors, notes, scalars, found.text)
+
+
+def _some(items: list[str], shown: int = 8) -> str:
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def _container_key(obj: Mapping) -> Any:
+    """The key of the value holding the state dict, or None: the first of NESTED_KEYS holding
+    tensors, else the only value holding any (training state aside) when it has siblings."""
+    for key in NESTED_KEYS:
+        value = obj.get(key)
+        if isinstance(value, torch.nn.Module) or isinstance(value, Mapping) and _holds_tensors(value):
+            return key
+    holders = [key for key, value in obj.items()
+               if not (key in TRAINING_KEYS and isinstance(value, (Mapping, list)))
+               and (isinstance(value, torch.nn.Module) or isinstance(value, Mapping) and _holds_tensors_below(value))]
+    return holders[0] if len(holders) == 1 and len(obj) > 1 else None
 
 
 def _holds_tensors(obj: Mapping) -> bool:
     return any(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-#: nesting deeper than this inside a state dict is left out (and never recursed into)
-MAX_DEPTH = 64
+def _holds_tensors_below(obj: Mapping, depth: int = 0) -> bool:
+    return depth < MAX_DEPTH and any(isinstance(v, torch.Tensor) or isinstance(v, Mapping) and
+                                     _holds_tensors_below(v, depth + 1) for v in obj.values())
 
 
 def _flatten(obj: Mapping, prefix: str, tensors: dict, scalars: dict, skipped: list, depth: int = 0) -> None:

@@ -103,12 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
-    p = sub.add_parser("unpack", help="write a .qpk file back as a plain state dict",
-                       description="Write a .qpk file back as a plain state dict (torch.save).")
+    p = sub.add_parser("unpack", help="write a .qpk file back as a checkpoint",
+                       description="Write a .qpk file back as a checkpoint (torch.save): the state dict, "
+                                   "nested as it was packed, with the plain data kept beside it.")
     p.add_argument("input", help="the .qpk file")
     p.add_argument("-o", "--output", help="the .pt file to write (default: INPUT with .pt)")
     p.add_argument("--format", choices=["pt", "safetensors"],
                    help="output format (default: from the output's extension, else pt)")
+    p.add_argument("--flat", action="store_true",
+                   help="write the flat state dict, not the nesting and plain data the file records")
     _add_max_bytes(p)
     p.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -312,7 +315,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".pt")
     if args.output is None and args.format == "safetensors":
         output = output.with_suffix(".safetensors")
-    api.unpack(args.input, output, force=args.force, format=args.format,
+    api.unpack(args.input, output, force=args.force, format=args.format, flat=args.flat,
                progress=_progress_bar(args, "decoding"), max_bytes=_parse_max_bytes(args.max_bytes))
     if not args.quiet:
         print(f"wrote {output}")
@@ -337,6 +340,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
                      _stat(t.rel_rms, ".4f"), _stat(t.snr_db, ".1f")])
     print(format_table(header, rows, right={4, 6, 8, 9}))
     for key, value in sorted(report.metadata.items()):
+        if key == "qpack.structure" and len(value) > 160:  # up to 64 KiB of vocabularies: --json has it all
+            value = f"{value[:120]}... ({len(value):,} bytes of JSON: the nesting and plain data unpack rebuilds)"
         print(f"{key}: {value}")
     if report.allocation is not None:
         print(_allocation_line(report.allocation))

@@ -30,6 +30,16 @@ BLOCK_ELEMENTS = 1 << 21
 #: distinct values are counted for tensors up to this size (it takes a sorted copy)
 UNIQUE_LIMIT = 1 << 24
 ZSTD_LEVEL = 3
+#: a float tensor of at most this many distinct values (and at most 2^bits, each used
+#: EXACT_MIN_USES times on average) is stored exactly as a codebook of them (masks from
+#: torch.nn.utils.prune, already-quantized weights)
+MAX_EXACT_VALUES = 256
+EXACT_MIN_USES = 16
+#: elements looked at first to tell a tensor of many values cheaply (a strided sample)
+_EXACT_SAMPLE = 1 << 12
+#: integer views of each float dtype: values are told apart by their bits (-0.0 from +0.0)
+_BITS_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64}
 #: rANS is chosen only when it saves at least this share of the best zstd form
 RANS_MIN_SAVING = {"auto": 0.05, "always": 0.0}
 _local = threading.local()
@@ -118,6 +128,11 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
         row.storage = storage_of(entry)
         return entry, stored, row
 
+    most = min(MAX_EXACT_VALUES, 1 << decision.bits, tensor.numel() // EXACT_MIN_USES)
+    if decision.exact_values and not decision.prune and most >= 1 and (distinct is None or distinct <= most):
+        exact = exact_codebook(tensor, most)
+        if exact is not None:
+            return _encode_exact(name, tensor, *exact, decision, row)
     codec = codecs.QUANTIZERS[decision.encoding]
     bits, group_size = decision.bits, decision.group_size
     original = tensor
@@ -171,6 +186,69 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
         del entry.stats["unique_before"]
     if row.snr_db is not None:
         entry.stats["snr_db"] = row.snr_db
+    return entry, stored, row
+
+
+def exact_codebook(tensor: torch.Tensor, max_values: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tensor as a codebook of its distinct values and one index per element, when it has
+    at most ``max_values`` of them and that codebook rebuilds every element bit for bit (spec
+    3.3: a float32 codebook converted to the dtype); else None. Values are told apart by
+    their bits, so -0.0 and +0.0 are two values; the caller has ruled out NaN and Inf.
+
+    Returns:
+        (codebook: float32 ``(1, K)``, sorted by value, -0.0 before +0.0; indices: flat,
+        uint8 or int32).
+    """
+    view = _BITS_OF.get(tensor.dtype)
+    if view is None or tensor.numel() == 0:
+        return None
+    flat = tensor.contiguous().reshape(-1).view(view).numpy()
+    sample = flat[:: max(1, flat.size // _EXACT_SAMPLE)]
+    if np.unique(sample).size > max_values:
+        return None  # the common case (trained weights), at the cost of a small sort
+    found = np.empty(0, dtype=flat.dtype)
+    for start in range(0, flat.size, BLOCK_ELEMENTS):  # a block's sorted copy at a time
+        found = np.union1d(found, flat[start:start + BLOCK_ELEMENTS])
+        if found.size > max_values:
+            return None
+    values = torch.from_numpy(found.copy()).view(tensor.dtype).to(torch.float32)
+    order = np.argsort(values.numpy(), kind="stable")  # by value; -0.0 (a negative int) stays first
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    codebook = values[torch.from_numpy(order)].reshape(1, -1)
+    bits = max(1, (order.size - 1).bit_length())
+    indices = torch.empty(flat.size, dtype=torch.uint8 if bits <= 8 else torch.int32)
+    book = codebook.reshape(-1)
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        part = flat[start:start + BLOCK_ELEMENTS]
+        idx = torch.from_numpy(rank[np.searchsorted(found, part)])
+        # the codebook is float32: a float64 value it cannot hold comes back different
+        rebuilt = book[idx].to(tensor.dtype).view(view).numpy()
+        if not np.array_equal(rebuilt, part):
+            return None
+        indices[start:start + part.size] = idx.to(indices.dtype)
+    return codebook, indices
+
+
+def _encode_exact(name: str, tensor: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                  decision: Decision, row: TensorReport) -> tuple[TensorEntry, memoryview | bytes, TensorReport]:
+    """A tensor of few distinct values as a k-means entry whose codebook holds exactly them (lossless)."""
+    count = codebook.shape[1]
+    bits = max(1, (count - 1).bit_length())
+    counts = np.bincount(indices.numpy(), minlength=1 << bits).astype(np.int64)
+    width, compression, stored = _store_indices(indices, bits, counts, decision.rans)
+    params = {"codebook": codebook}
+    dtype, shape = row.dtype, tuple(row.shape)
+    entry = TensorEntry(name, dtype, shape, "kmeans", bits, "tensor", _params_to_header(params), compression=compression,
+                        raw_length=expected_raw_length(dtype, shape, "kmeans", width), width=width,
+                        group_size=0, param_dtype="float32")
+    row.encoding, row.bits, row.granularity, row.param_dtype = "kmeans", bits, "tensor", "float32"
+    row.reason += f"; {count} distinct value(s): stored exactly as a {bits}-bit codebook of them"
+    row.unique_before = row.unique_after = int(np.count_nonzero(counts))
+    row.rel_rms, row.snr_db = 0.0, None
+    row.params = _params_for_report(params)
+    row.storage = storage_of(entry)
+    entry.stats = {"unique_before": row.unique_before, "unique_after": row.unique_after, "rel_rms": 0.0}
     return entry, stored, row
 
 

@@ -56,6 +56,8 @@ class Decision:
     prune: float | None = None
     #: the grid or codebook must hold an exact 0 (always so when pruned)
     exact_zero: bool = False
+    #: a tensor of few distinct values is stored exactly as a codebook of them (encoder)
+    exact_values: bool = True
     #: when indices are rANS-coded: "auto", "always" (whenever smaller) or "never"
     rans: str = "auto"
     #: element type of the stored parameters: "float32" or "float16" (the encoder keeps
@@ -105,6 +107,10 @@ class Policy:
         exact_zero: give every grid or codebook an exact 0 level, as pruning does, without
             pruning: weights that are 0 stay 0, and near-zero weights (most of an L1-trained
             or sparse tensor) land on it. A uniform range widens by less than a step.
+        exact_values: store a float tensor to quantize that has few distinct values (at most
+            256, and 2^bits, each used 16 times on average: pruning masks, constants,
+            already-quantized weights) exactly, as a k-means codebook of those values, when
+            that rebuilds it bit for bit; False quantizes it like any other.
         rans: "auto" codes a tensor's indices with rANS when that saves at least 5 % over
             the best zstd form (skewed indices: trained, L1-regularised, pruned weights),
             "always" whenever it is smaller at all, "never" not at all (files load at
@@ -131,6 +137,7 @@ class Policy:
     min_numel: int = 64
     prune: float | None = None
     exact_zero: bool = False
+    exact_values: bool = True
     rans: str = "auto"
     param_dtype: str = "auto"
     #: exact tensor names -> bits (what --target-bpw or --max-error chose); checked before the globs
@@ -190,7 +197,8 @@ class Policy:
         decision = self._decide(name, tensor)
         if decision.encoding == "raw":
             return decision
-        decision = replace(decision, exact_zero=self.exact_zero, rans=self.rans)  # codec options, for every quantized tensor
+        # codec options, for every quantized tensor
+        decision = replace(decision, exact_zero=self.exact_zero, exact_values=self.exact_values, rans=self.rans)
         bits, granularity, method, span = (chosen.get(name) for chosen in self._allocated)
         if bits is None and granularity is None and method is None and span is None:
             return self._with_param_dtype(decision)
