@@ -334,7 +334,8 @@ def _trials(name: str, tensor: torch.Tensor, decision: Decision,
     A candidate whose parameters alone would outweigh its packed indices (per-channel 256-entry
     codebooks on short rows, say) is not encoded: it costs more than twice what its indices do,
     and fitting it is the slowest trial there is. Its column repeats the same method's trial
-    with one parameter set for the tensor, so every tensor keeps the same columns.
+    with one parameter set for the tensor (or, if that is the heavy one, the first
+    candidate's at the same width), so every tensor keeps the same columns.
     """
     encoded: dict[tuple[int, str, str, float], tuple[_Trial, float]] = {}
     distinct = count_distinct(tensor) if tensor.numel() <= UNIQUE_LIMIT else None  # the same for every trial
@@ -360,8 +361,13 @@ def _trials(name: str, tensor: torch.Tensor, decision: Decision,
         kind, group_size = granularity_for(text, tensor)
         rows = parameter_rows(tuple(tensor.shape), kind, group_size)
         for bits, span in _settings(method):
-            heavy = rows > 1 and rows * _PARAMS_PER_ROW[method](bits) * 4 > tensor.numel() * bits / 8
-            done = trial(method, bits, span, *(("tensor", 0) if heavy else (kind, group_size)))
+            if rows * _PARAMS_PER_ROW[method](bits) * 4 <= tensor.numel() * bits / 8:
+                done = trial(method, bits, span, kind, group_size)
+            elif rows > 1:  # the same method with one parameter set
+                done = trial(method, bits, span, "tensor", 0)
+            else:  # the first candidate's trial at this width
+                first, text = candidates[0]
+                done = trial(first, bits, 1.0, *granularity_for(text, tensor))
             if done is None:
                 return None
             found.append(done)
