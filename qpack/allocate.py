@@ -474,12 +474,13 @@ def _predicted(name: str, tensor: torch.Tensor, decision: Decision,
     groups: dict[tuple[str, str, int], list[_Setting]] = {}
     for setting in dict.fromkeys(columns):
         groups.setdefault((setting[0], setting[3], setting[4]), []).append(setting)
-    measured: dict[tuple[str, int], estimate.Statistics | None] = {}  # one histogram per granularity
+    measured: dict[tuple[str, int, int], estimate.Statistics | None] = {}  # one histogram per granularity
     for (method, kind, group_size), settings in groups.items():
         rows = parameter_rows(shape, kind, group_size)
-        if (kind, group_size) not in measured:
-            measured[kind, group_size] = estimate.statistics(tensor, rows, group_size or None)
-        stats = measured[kind, group_size]
+        limit = estimate.KMEANS_EXACT_LIMIT if method == "kmeans" else estimate.EXACT_LIMIT
+        if (kind, group_size, limit) not in measured:
+            measured[kind, group_size, limit] = estimate.statistics(tensor, rows, group_size or None, limit)
+        stats = measured[kind, group_size, limit]
         if stats is None or stats.u.size == 0:
             return None
         widths = [bits for _, bits, _, _, _ in settings]
@@ -552,10 +553,13 @@ class _Planner:
 
     def __init__(self, measured: _Measured, metadata: Callable[[dict[str, Any]], Mapping[str, str]]) -> None:
         self.measured, self.metadata = measured, metadata
-        reference = {name: 0 for name in measured.trials}
-        longest = {"objective": "sensitivity", "min_snr_db": _LONGEST_ERROR, "predicted_error": _LONGEST_ERROR}
         # what no choice changes: the whole planned file less the quantized tensors' own bytes
-        self.fixed = self.file_bytes(reference, longest) - self.quantized_bytes(reference)
+        self.fixed = self.fixed_for({name: 0 for name in measured.trials})
+
+    def fixed_for(self, columns: Mapping[str, int]) -> int:
+        """The planned file of these columns, with the longest summary, less their own bytes."""
+        longest = {"objective": "sensitivity", "min_snr_db": _LONGEST_ERROR, "predicted_error": _LONGEST_ERROR}
+        return self.file_bytes(columns, longest) - self.quantized_bytes(columns)
 
     def quantized_bytes(self, columns: Mapping[str, int]) -> int:
         return sum(self.measured.trials[name][column].size for name, column in columns.items())
@@ -654,7 +658,9 @@ def _infeasible(measured: _Measured, planner: _Planner, target_bpw: float, floor
 
         columns, _ = _confirmed(measured, floor, least)
         assert columns is not None
-        planned = planner.fixed + planner.quantized_bytes(columns) + _INT_SLACK * len(columns)
+        # the header of these (encoded) choices as planned, where the first plan's came from sketches
+        fixed = max(planner.fixed, planner.fixed_for(columns)) if measured.settings else planner.fixed
+        planned = fixed + planner.quantized_bytes(columns) + _INT_SLACK * len(columns)
         return math.ceil(planned * 8 / measured.elements * 100) / 100, columns
 
     least, _ = smallest(False)

@@ -38,6 +38,11 @@ __all__ = ["EXACT_LIMIT", "BINS", "Statistics", "statistics", "uniform", "kmeans
 
 #: tensors (row sets) with at most this many elements keep every value as a point
 EXACT_LIMIT = 1 << 14
+#: k-means codebooks are predicted on every value up to this many (a histogram's bins are too
+#: coarse for the many small clusters of heavy-tailed weights)
+KMEANS_EXACT_LIMIT = 1 << 18
+#: Ward's agglomeration starts from at most this many runs of points
+MERGE_GROUPS = 1 << 14
 #: bins of a histogram (the widest grid, 8 bits, has 255 steps: 257 bins a step)
 BINS = 1 << 16
 #: Lloyd iterations of the predicted k-means codebooks
@@ -71,9 +76,11 @@ class Statistics:
         return np.rint(counts).astype(np.int64), error
 
 
-def statistics(tensor: torch.Tensor, rows: int, row_length: int | None) -> Statistics | None:
-    """The points of ``tensor`` (finite) with ``rows`` parameter sets; None when a row's range
-    is beyond float32 (the allocation then encodes that tensor in full)."""
+def statistics(tensor: torch.Tensor, rows: int, row_length: int | None,
+               exact_limit: int = EXACT_LIMIT) -> Statistics | None:
+    """The points of ``tensor`` (finite) with ``rows`` parameter sets: every value up to
+    ``exact_limit`` elements, else a histogram's bins; None when a row's range is beyond
+    float32 (the allocation then encodes that tensor in full)."""
     from .codecs.rows import as_rows
 
     numel = tensor.numel()
@@ -91,7 +98,7 @@ def statistics(tensor: torch.Tensor, rows: int, row_length: int | None) -> Stati
     if not live[-1]:
         constant -= rows * length - numel  # the padding of a short last group
     square = np.where(live, span * span, 0.0)
-    if numel <= EXACT_LIMIT:
+    if numel <= exact_limit:
         scale = np.where(live, 1.0 / np.where(live, span, 1.0), 0.0)
         u = ((values - low[:, None]).astype(np.float64) * scale[:, None]).reshape(-1)[:numel]
         weight = np.broadcast_to(square[:, None], values.shape).reshape(-1)[:numel]
@@ -135,7 +142,8 @@ def uniform(stats: Statistics, settings: Sequence[tuple[int, float]]) -> tuple[n
 
 def kmeans(stats: Statistics, widths: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Index counts, squared errors and codebook lengths of k-means codebooks (one per tensor)
-    of 2^b centroids for each width b, by Lloyd's algorithm from companding quantiles."""
+    of 2^b centroids for each width b, by Lloyd's algorithm from companding quantiles (from
+    Ward's agglomeration where there are fewer than 4 points a cluster)."""
     top = 1 << max(widths)
     size = np.array([1 << b for b in widths])
     points = stats.u.size
@@ -152,6 +160,13 @@ def kmeans(stats: Statistics, widths: Sequence[int]) -> tuple[np.ndarray, np.nda
     slot = np.arange(top)[None, :]
     valid = slot < size[:, None]
     centres = np.where(valid, np.interp((slot + 0.5) / size[:, None], mixed, edges), np.inf)
+    few = [int(k) for k in size if points < 4 * k]
+    if few:  # few points a cluster: merged from single points (or each point its own)
+        merged = _merged(stats, few)
+        for i, k in enumerate(size):
+            if int(k) in merged:
+                centres[i] = np.inf
+                centres[i, :merged[int(k)].size] = merged[int(k)]
     bounds = np.empty((len(widths), top + 1), dtype=np.int64)
     bounds[:, 0], bounds[:, -1] = 0, points
     for _ in range(LLOYD_ITERATIONS):
@@ -164,8 +179,32 @@ def kmeans(stats: Statistics, widths: Sequence[int]) -> tuple[np.ndarray, np.nda
     return counts, error, np.maximum(np.count_nonzero(counts, axis=1), 1)
 
 
-def rans_sizes(numel: int, counts: np.ndarray) -> np.ndarray:
-    """:func:`qpack.rans.encoded_size` of each row of ``counts`` (candidates x symbols), at once."""
+def _merged(stats: Statistics, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+    """Centres of at most k clusters for each k of ``sizes``, from Ward's agglomeration of
+    neighbouring points (first grouped into at most ``MERGE_GROUPS`` runs of equal count):
+    each round merges the pairs that cost least to merge among their neighbours (so no two
+    overlap), as many as are still to go to the next k."""
+    points = stats.u.size
+    cuts = np.unique(np.linspace(0, points, min(points, MERGE_GROUPS) + 1).round().astype(np.int64))
+    found = {}
+    for k in sorted(set(sizes), reverse=True):
+        while cuts.size - 1 > k:
+            mass = np.maximum(np.diff(stats.e0[cuts]), 1e-300)
+            mean = np.diff(stats.e1[cuts]) / mass
+            cost = mass[:-1] * mass[1:] / (mass[:-1] + mass[1:]) * np.square(np.diff(mean))
+            padded = np.concatenate(([np.inf], cost, [np.inf]))
+            local = np.flatnonzero((cost <= padded[:-2]) & (cost < padded[2:]))
+            if local.size == 0:
+                local = np.array([int(np.argmin(cost))])
+            chosen = local[np.argsort(cost[local], kind="stable")[:cuts.size - 1 - k]]
+            cuts = np.delete(cuts, chosen + 1)
+        found[k] = np.diff(stats.e1[cuts]) / np.maximum(np.diff(stats.e0[cuts]), 1e-300)
+    return found
+
+
+def rans_sizes(numel: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`qpack.rans.encoded_size` of each row of ``counts`` (candidates x symbols), at
+    once, and the bits the symbols cost under its frequencies."""
     counts = np.asarray(counts, dtype=np.int64)
     present = counts > 0
     used = present.sum(axis=1)
@@ -182,15 +221,23 @@ def rans_sizes(numel: int, counts: np.ndarray) -> np.ndarray:
         bits = -np.where(present, counts * np.log2(np.where(present, freq, 1) / _TOTAL), 0.0).sum(axis=1)
     lanes = np.array([rans.choose_lanes(numel, float(b)) for b in bits])
     alphabet = counts.shape[1] - np.argmax(freq[:, ::-1] > 0, axis=1)
-    return 8 + 2 * alphabet + 4 * lanes + 2 * np.ceil(bits / 16).astype(np.int64)
+    return 8 + 2 * alphabet + 4 * lanes + 2 * np.ceil(bits / 16).astype(np.int64), bits
+
+
+#: zstd of byte-friendly containers of indices, measured on trained and synthetic weights:
+#: within about 1 % of the indices' entropy (Huffman-coded literals), plus its framing
+ZSTD_OVER_ENTROPY = 1.01
+ZSTD_FRAMING = 32
 
 
 def stored_sizes(numel: int, bits: Sequence[int], counts: np.ndarray, rans_mode: str) -> np.ndarray:
     """Aligned payload bytes the writer is predicted to store: rANS where it saves
-    ``RANS_MIN_SAVING`` over the packed indices, else the smaller packing."""
-    packed = np.array([packed_size(numel, b) for b in bits])  # the container is never smaller unpacked
-    coded = rans_sizes(numel, counts)
-    payload = np.where(coded < packed * (1 - RANS_MIN_SAVING[rans_mode]), coded, packed)
+    ``RANS_MIN_SAVING`` over the best zstd form, else that form; zstd is predicted from the
+    entropy (``ZSTD_OVER_ENTROPY``), at most the packed size (stored as it is)."""
+    packed = np.array([packed_size(numel, b) for b in bits])
+    coded, entropy_bits = rans_sizes(numel, counts)
+    zstd = np.minimum(packed, np.ceil(entropy_bits / 8 * ZSTD_OVER_ENTROPY) + ZSTD_FRAMING)
+    payload = np.where(coded < zstd * (1 - RANS_MIN_SAVING[rans_mode]), coded, zstd)
     return np.array([align(int(p)) for p in payload])
 
 
