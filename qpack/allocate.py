@@ -1,11 +1,18 @@
 """Choosing the method, bits and granularity of each tensor: the least error for a file size, or
 the least size for an error.
 
-Both problems start from the same measurements. Every tensor the policy quantizes is encoded
-at each candidate: each width of ``CANDIDATE_BITS`` at each candidate method and granularity,
-recording what it really costs (stored bytes after zstd or rANS, aligned as the file aligns
-them, plus its header entry: per-channel or per-group grids and codebooks pay for their size
-here) and what it loses (its relative error, ``rel_rms``).
+Both problems start from the same measurements: for every tensor the policy quantizes, each
+width of ``CANDIDATE_BITS`` at each candidate method, granularity and span, what it costs
+(stored bytes after zstd or rANS, aligned as the file aligns them, plus its header entry:
+per-channel or per-group grids and codebooks pay for their size here) and what it loses
+(its relative error, ``rel_rms``). They are predicted (``PREDICT``, the default) from one
+histogram of the tensor per granularity (:mod:`qpack.estimate`: index counts, hence the rANS
+size, and the squared error of every uniform grid; k-means codebooks fitted on the same
+points), and only the chosen candidates are encoded: their real sizes and errors replace the
+predictions and the problem is solved again, until every chosen candidate is one encoded
+(see ``_confirmed``). With ``PREDICT`` False, or for tensors the prediction does not model
+(pruning, ``exact_zero``, ``rans="never"``, k-means per row), every candidate is encoded in
+full, as the exhaustive search did. Either way the plan is checked on encoded entries.
 
 The objective (what the allocation minimises, or bounds) is, by default, a sum over layers:
 
@@ -474,13 +481,14 @@ def _predicted(name: str, tensor: torch.Tensor, decision: Decision,
     groups: dict[tuple[str, str, int], list[_Setting]] = {}
     for setting in dict.fromkeys(columns):
         groups.setdefault((setting[0], setting[3], setting[4]), []).append(setting)
-    measured: dict[tuple[str, int, int], estimate.Statistics | None] = {}  # one histogram per granularity
+    measured: dict[tuple[str, int, bool], estimate.Statistics | None] = {}  # one histogram per granularity
     for (method, kind, group_size), settings in groups.items():
         rows = parameter_rows(shape, kind, group_size)
         limit = estimate.KMEANS_EXACT_LIMIT if method == "kmeans" else estimate.EXACT_LIMIT
-        if (kind, group_size, limit) not in measured:
-            measured[kind, group_size, limit] = estimate.statistics(tensor, rows, group_size or None, limit)
-        stats = measured[kind, group_size, limit]
+        exact = numel <= limit
+        if (kind, group_size, exact) not in measured:
+            measured[kind, group_size, exact] = estimate.statistics(tensor, rows, group_size or None, limit)
+        stats = measured[kind, group_size, exact]
         if stats is None or stats.u.size == 0:
             return None
         widths = [bits for _, bits, _, _, _ in settings]
