@@ -235,13 +235,51 @@ ZSTD_OVER_ENTROPY = {1: 1.005, 2: 1.05, 3: 1.10, 4: 1.012, 5: 1.05, 6: 1.011, 7:
 ZSTD_FRAMING = 32
 
 
-def stored_sizes(numel: int, bits: Sequence[int], counts: np.ndarray, rans_mode: str) -> np.ndarray:
+#: elements of the sample zstd is measured on (in ``SAMPLE_RUNS`` runs spread over the tensor)
+SAMPLE = 1 << 15
+SAMPLE_RUNS = 4
+
+
+def zstd_over_entropy(tensor: torch.Tensor, widths: Sequence[int]) -> dict[int, float]:
+    """zstd's size over the entropy of each width's indices (one grid for the tensor), measured
+    on a sample of runs of the tensor as the writer stores it (packed, or in the byte-friendly
+    container, whichever is smaller): what zstd finds beyond the entropy (runs, neighbours
+    alike) and what it misses (Huffman's rounding) depends on the values."""
+    from .bitpack import pack_bits
+    from .encoder import _compressor, container_width
+
+    flat = tensor.detach().reshape(-1)
+    numel = flat.numel()
+    if numel <= SAMPLE:
+        sample = flat.to(torch.float32)
+    else:
+        run = SAMPLE // SAMPLE_RUNS
+        starts = np.linspace(0, numel - run, SAMPLE_RUNS).astype(np.int64)
+        sample = torch.cat([flat[int(a):int(a) + run] for a in starts]).to(torch.float32)
+    lo, hi = float(flat.min()), float(flat.max())
+    found = {}
+    for bits in sorted(set(widths)):
+        top = (1 << bits) - 1
+        step = (hi - lo) / top if hi > lo else 1.0
+        idx = sample.sub(lo).div_(step).round_().clamp_(0, top).to(torch.uint8)
+        counts = np.bincount(idx.numpy(), minlength=top + 1)
+        p = counts[counts > 0] / idx.numel()
+        entropy = float(-(p * np.log2(p)).sum()) * idx.numel() / 8
+        stored = min(min(len(_compressor().compress(pack_bits(idx, w).numpy().tobytes())), packed_size(idx.numel(), w))
+                     for w in {bits, container_width(bits)})
+        found[bits] = max(stored - ZSTD_FRAMING, 1) / entropy if entropy > 0 else ZSTD_OVER_ENTROPY.get(bits, 1.1)
+    return found
+
+
+def stored_sizes(numel: int, bits: Sequence[int], counts: np.ndarray, rans_mode: str,
+                 over_entropy: dict[int, float] | None = None) -> np.ndarray:
     """Aligned payload bytes the writer is predicted to store: rANS where it saves
     ``RANS_MIN_SAVING`` over the best zstd form, else that form; zstd is predicted from the
-    entropy (``ZSTD_OVER_ENTROPY``), at most the packed size (stored as it is)."""
+    entropy times ``over_entropy[bits]`` (measured, see :func:`zstd_over_entropy`, else
+    ``ZSTD_OVER_ENTROPY``), at most the packed size (stored as it is)."""
     packed = np.array([packed_size(numel, b) for b in bits])
     coded, entropy_bits = rans_sizes(numel, counts)
-    over = np.array([ZSTD_OVER_ENTROPY.get(b, 1.1) for b in bits])
+    over = np.array([(over_entropy or ZSTD_OVER_ENTROPY).get(b, 1.1) for b in bits])
     zstd = np.minimum(packed, np.ceil(entropy_bits / 8 * over) + ZSTD_FRAMING)
     payload = np.where(coded < zstd * (1 - RANS_MIN_SAVING[rans_mode]), coded, zstd)
     return np.array([align(int(p)) for p in payload])
