@@ -482,7 +482,6 @@ def _predicted(name: str, tensor: torch.Tensor, decision: Decision,
     for setting in dict.fromkeys(columns):
         groups.setdefault((setting[0], setting[3], setting[4]), []).append(setting)
     measured: dict[tuple[str, int, bool], estimate.Statistics | None] = {}  # one histogram per granularity
-    zstd: dict[int, float] | None = None
     for (method, kind, group_size), settings in groups.items():
         rows = parameter_rows(shape, kind, group_size)
         limit = estimate.KMEANS_EXACT_LIMIT if method == "kmeans" else estimate.EXACT_LIMIT
@@ -500,9 +499,7 @@ def _predicted(name: str, tensor: torch.Tensor, decision: Decision,
         else:
             counts, error, books = estimate.kmeans(stats, widths)
             params = [rows * per_row(method, int(k)) for k in books]
-        if zstd is None:
-            zstd = estimate.zstd_over_entropy(tensor, CANDIDATE_BITS)
-        sizes = estimate.stored_sizes(numel, widths, counts, decision.rans, zstd)
+        sizes = estimate.stored_sizes(numel, widths, counts, decision.rans)
         label = f"group:{group_size}" if group_size else kind
         for setting, size, param_bytes, rel in zip(settings, sizes, params, estimate.relative_error(stats, error)):
             snr = -20 * math.log10(rel) if rel > 0 else math.inf
