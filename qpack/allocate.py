@@ -95,6 +95,9 @@ _INT_SLACK = 8
 #: (qpack.estimate) and only the chosen candidates are encoded; False: every candidate is
 #: encoded in full (the exhaustive search, which the tests compare the prediction with)
 PREDICT = True
+#: payload bytes of the chosen candidates' encodings kept for the pack to write as they are
+#: (beyond this, the pack encodes them again)
+KEEP_BYTES = 1 << 28
 #: rounds of encoding the chosen candidates and solving again before every candidate of the
 #: tensors still unconfirmed is encoded (the plan is then exhaustive there)
 _CONFIRM_ROUNDS = 8
@@ -143,6 +146,9 @@ class _Measured:
     confirmed: int = 0
     #: the last solution's columns were all encoded (a next solve needs few confirmations)
     settled: bool = False
+    #: quantized tensor -> setting -> (decision, entry, payload, report row) of confirmations
+    kept: dict[str, dict[_Setting, Any]] = field(default_factory=dict)
+    kept_bytes: int = 0
 
     def confirm(self, columns: Mapping[str, int]) -> bool:
         """Encode the given columns where they are predicted, and put what they really cost
@@ -151,16 +157,21 @@ class _Measured:
         if not todo:
             return False
 
-        def encode(item: tuple[str, int]) -> tuple[_Trial, float] | None:
+        def encode(item: tuple[str, int]) -> tuple[tuple[_Trial, float] | None, list[Any]]:
             name, column = item
             tensor = self.tensors[name]
             if name not in self.distinct:
                 self.distinct[name] = count_distinct(tensor) if tensor.numel() <= UNIQUE_LIMIT else None
-            return _encoded(name, tensor, self.decisions[name], self.settings[name][column], self.distinct[name])
+            keep: list[Any] = []
+            return _encoded(name, tensor, self.decisions[name], self.settings[name][column], self.distinct[name],
+                            keep), keep
 
-        for (name, column), done in zip(todo, ordered_map(encode, todo, min(default_workers(4), len(todo)))):
+        for (name, column), (done, keep) in zip(todo, ordered_map(encode, todo, min(default_workers(4), len(todo)))):
             assert done is not None, "a predicted tensor is finite"
             trial, rel = done
+            if self.kept_bytes + len(keep[0][2]) <= KEEP_BYTES:  # for the pack to write as it is
+                self.kept.setdefault(name, {})[self.settings[name][column]] = keep[0]
+                self.kept_bytes += len(keep[0][2])
             trial = trial._replace(cost=rel * rel * self.weights[name])
             setting = self.settings[name][column]
             row = self.trials[name]
@@ -200,6 +211,10 @@ class Allocation:
     budget_bytes: int | None = None
     #: "per-layer" (the default objective) or "sensitivity" (weights measured on data)
     objective: str = "per-layer"
+    #: tensor -> (decision, entry, payload, report row): chosen candidates encoded while
+    #: planning, which :func:`qpack.pack` writes as they are when its decision is the same
+    encoded: Mapping[str, tuple[Decision, TensorEntry, Any, Any]] = field(default_factory=dict, repr=False,
+                                                                          compare=False)
 
     def summary(self) -> dict[str, Any]:
         """The numbers worth recording in the file (JSON-ready, rounded so bytes stay stable)."""
@@ -274,8 +289,11 @@ def plan(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bpw: float 
         columns = _least_error(measured, planner, target_bpw, floor, policy)
     else:
         columns = _least_size(measured, floor, max_error)
-    return planner.allocation(columns, policy.min_snr_db, sensitivity is not None,
-                              None if target_bpw is None else int(target_bpw * measured.elements / 8))
+    result = planner.allocation(columns, policy.min_snr_db, sensitivity is not None,
+                                None if target_bpw is None else int(target_bpw * measured.elements / 8))
+    kept = {name: measured.kept[name][measured.settings[name][column]] for name, column in columns.items()
+            if name in measured.kept and measured.settings[name][column] in measured.kept[name]}
+    return replace(result, encoded=kept)
 
 
 def layer_weights(sizes: Mapping[str, int], sensitivity: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -428,17 +446,20 @@ def _columns(tensor: torch.Tensor, candidates: tuple[tuple[str, str], ...]) -> l
 
 
 def _encoded(name: str, tensor: torch.Tensor, decision: Decision, setting: _Setting,
-             distinct: int | None) -> tuple[_Trial, float] | None:
-    """One setting encoded in full: (trial, rel_rms), or None if the tensor is stored raw (NaN or Inf)."""
+             distinct: int | None, keep: list[Any] | None = None) -> tuple[_Trial, float] | None:
+    """One setting encoded in full: (trial, rel_rms), or None if the tensor is stored raw (NaN
+    or Inf). With ``keep``, (decision, entry, payload, report row) is appended to it."""
     method, bits, span, kind, group_size = setting
-    entry, stored, row = encode_tensor(name, tensor, replace(
-        decision, encoding=method, bits=bits, granularity=kind, group_size=group_size, span=span), distinct=distinct)
+    decision = replace(decision, encoding=method, bits=bits, granularity=kind, group_size=group_size, span=span)
+    entry, stored, row = encode_tensor(name, tensor, decision, distinct=distinct)
     if entry.encoding == "raw":
         return None
     entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
     rel = row.rel_rms or 0.0
     snr = -20 * math.log10(rel) if rel > 0 else math.inf
     label = f"group:{group_size}" if group_size else kind
+    if keep is not None:
+        keep.append((decision, replace(entry), stored, row))
     return _Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0, method, snr, entry, span), rel
 
 

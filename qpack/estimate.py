@@ -42,7 +42,7 @@ __all__ = ["EXACT_LIMIT", "KMEANS_EXACT_LIMIT", "BINS", "Statistics", "statistic
 EXACT_LIMIT = 1 << 14
 #: k-means codebooks are predicted on every value up to this many (a histogram's bins are too
 #: coarse for the many small clusters of heavy-tailed weights)
-KMEANS_EXACT_LIMIT = 1 << 18
+KMEANS_EXACT_LIMIT = 1 << 16
 #: Ward's agglomeration starts from at most this many runs of points
 MERGE_GROUPS = 1 << 14
 #: bins of a histogram (the widest grid, 8 bits, has 255 steps: 257 bins a step)

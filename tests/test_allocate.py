@@ -663,3 +663,21 @@ def test_refusals_hold_with_predictions(monkeypatch, tmp_path):
     report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=feasible)
     assert report.file_bytes * 8 <= feasible * sum(t.numel() for t in state.values())
     assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= FLOOR
+
+
+def test_the_pack_writes_the_allocations_encodings_as_it_would_encode_them(monkeypatch, tmp_path):
+    """The chosen candidates' encodings from the allocation are written as they are: the file is
+    the same, byte for byte, as when the pack encodes every tensor again."""
+    import qpack.allocate as allocate
+
+    state = varied_state()
+    from qpack.policy import Policy
+
+    planned = allocate.plan(state, Policy(), 3.5)
+    assert planned.encoded  # kept for the pack
+    kept = qpack.pack(state, tmp_path / "kept.qpk", target_bpw=3.5)
+    monkeypatch.setattr(allocate, "KEEP_BYTES", 0)
+    assert not allocate.plan(state, Policy(), 3.5).encoded
+    again = qpack.pack(state, tmp_path / "again.qpk", target_bpw=3.5)
+    assert (tmp_path / "kept.qpk").read_bytes() == (tmp_path / "again.qpk").read_bytes()
+    assert [r.reason for r in kept.tensors] == [r.reason for r in again.tensors]
