@@ -81,45 +81,64 @@ class Statistics:
 def statistics(tensor: torch.Tensor, rows: int, row_length: int | None,
                exact_limit: int = EXACT_LIMIT) -> Statistics | None:
     """The points of ``tensor`` (finite) with ``rows`` parameter sets: every value up to
-    ``exact_limit`` elements, else a histogram's bins; None when a row's range is beyond
-    float32 (the allocation then encodes that tensor in full)."""
+    ``exact_limit`` elements, else a histogram's bins, built block by block (float
+    temporaries stay a block's, as the encoder's); None when a row's range is beyond float32
+    (the allocation then encodes that tensor in full)."""
     from .codecs.rows import as_rows
+    from .encoder import BLOCK_ELEMENTS
 
     numel = tensor.numel()
-    view = as_rows(tensor.detach().reshape(-1), rows, row_length).to(torch.float32)
-    low, high = view.amin(dim=1).numpy(), view.amax(dim=1).numpy()
+    view = as_rows(tensor.detach().reshape(-1), rows, row_length)
+    low, high = view.amin(dim=1).to(torch.float32).numpy(), view.amax(dim=1).to(torch.float32).numpy()
     span = high.astype(np.float64) - low
     if not (np.isfinite(span).all() and np.isfinite(np.float32(span.max()))):
         return None
-    values = view.numpy()
-    flat = values.reshape(-1)[:numel]
-    signal = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
-    length = values.shape[1]
+    length = view.shape[1]
     live = span > 0
     constant = int(np.count_nonzero(~live)) * length
     if not live[-1]:
         constant -= rows * length - numel  # the padding of a short last group
     square = np.where(live, span * span, 0.0)
     if numel <= exact_limit:
+        values = view.to(torch.float32).numpy()
+        flat = values.reshape(-1)[:numel].astype(np.float64)
         scale = np.where(live, 1.0 / np.where(live, span, 1.0), 0.0)
         u = ((values - low[:, None]).astype(np.float64) * scale[:, None]).reshape(-1)[:numel]
         weight = np.broadcast_to(square[:, None], values.shape).reshape(-1)[:numel]
         keep = np.repeat(live, length)[:numel]
         u, weight = u[keep], weight[keep]
+        signal = float(np.dot(flat, flat))
         if rows == 1:  # one weight for all
             return Statistics(np.sort(u), np.ones(u.size), weight, 0.0, constant, signal, numel, low, high)
         order = np.argsort(u)
         return Statistics(u[order], np.ones(u.size), weight[order], 0.0, constant, signal, numel, low, high)
     # bins of width 1 / (BINS - 1): the largest value lands in the last, never past it
     scale = np.where(live, (BINS - 1) / np.where(live, span, 1.0), 0.0).astype(np.float32)
-    bins = ((values - low[:, None]) * scale[:, None]).reshape(-1)[:numel].astype(np.uint16)
-    count = np.bincount(bins, minlength=BINS).astype(np.float64)
+    count = np.zeros(BINS)
+    weight = np.zeros(BINS)
+    signal = 0.0
+    flat_view = view.reshape(-1)
+    per = max(1, BLOCK_ELEMENTS // length)
+    # blocks of whole rows, or of one row's elements when there is one row
+    pieces = ([(0, 1, start, min(numel, start + BLOCK_ELEMENTS)) for start in range(0, numel, BLOCK_ELEMENTS)]
+              if rows == 1 else [(r, min(rows, r + per), r * length, min(numel, (r + per) * length))
+                                 for r in range(0, rows, per)])
+    for first, last, start, end in pieces:
+        if rows == 1:
+            part = flat_view[start:end].to(torch.float32).numpy()
+            bins = ((part - low[0]) * scale[0]).astype(np.uint16)
+        else:
+            padded = view[first:last].to(torch.float32).numpy()
+            part = padded.reshape(-1)[:end - start]
+            bins = ((padded - low[first:last, None]) * scale[first:last, None]).reshape(-1)[:end - start]
+            bins = bins.astype(np.uint16)
+            weight += np.bincount(bins, weights=np.repeat(square[first:last], length)[:end - start], minlength=BINS)
+        count += np.bincount(bins, minlength=BINS)
+        wide = part.astype(np.float64)
+        signal += float(np.dot(wide, wide))
     count[0] -= constant
     if rows == 1:
         weight = count * square[0]
-    else:
-        weight = np.bincount(bins, weights=np.broadcast_to(square[:, None], values.shape).reshape(-1)[:numel],
-                             minlength=BINS)
     used = np.flatnonzero(count > 0)
     width = 1.0 / (BINS - 1)
     return Statistics((used + 0.5) * width, count[used], weight[used], width * width / 12, constant, signal,
