@@ -1,11 +1,18 @@
 """Choosing the method, bits and granularity of each tensor: the least error for a file size, or
 the least size for an error.
 
-Both problems start from the same measurements. Every tensor the policy quantizes is encoded
-at each candidate: each width of ``CANDIDATE_BITS`` at each candidate method and granularity,
-recording what it really costs (stored bytes after zstd or rANS, aligned as the file aligns
-them, plus its header entry: per-channel or per-group grids and codebooks pay for their size
-here) and what it loses (its relative error, ``rel_rms``).
+Both problems start from the same measurements: for every tensor the policy quantizes, each
+width of ``CANDIDATE_BITS`` at each candidate method, granularity and span, what it costs
+(stored bytes after zstd or rANS, aligned as the file aligns them, plus its header entry:
+per-channel or per-group grids and codebooks pay for their size here) and what it loses
+(its relative error, ``rel_rms``). They are predicted (``PREDICT``, the default) from one
+histogram of the tensor per granularity (:mod:`qpack.estimate`: index counts, hence the rANS
+size, and the squared error of every uniform grid; k-means codebooks fitted on the same
+points), and only the chosen candidates are encoded: their real sizes and errors replace the
+predictions and the problem is solved again, until every chosen candidate is one encoded
+(see ``_confirmed``). With ``PREDICT`` False, or for tensors the prediction does not model
+(pruning, ``exact_zero``, ``rans="never"``, k-means per row), every candidate is encoded in
+full, as the exhaustive search did. Either way the plan is checked on encoded entries.
 
 The objective (what the allocation minimises, or bounds) is, by default, a sum over layers:
 
@@ -48,16 +55,20 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from numbers import Real
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from . import estimate
+from .codecs import uniform
+from .dtypes import name_of_dtype
 from .encoder import UNIQUE_LIMIT, count_distinct, encode_tensor
 from .errors import InputError
-from .format import TensorEntry, align, layout_offsets, parameter_rows
+from .format import TensorEntry, align, expected_raw_length, layout_offsets, parameter_rows
+from .parallel import default_workers, ordered_map
 from .policy import Decision, Policy, granularity_for, parse_granularity
 from .writer import planned_file_bytes
 
@@ -81,6 +92,16 @@ _PARAMS_PER_ROW = {"uniform": lambda bits: 2, "kmeans": lambda bits: 1 << bits}
 _LONGEST_ERROR = 1.2345678901234567e-100
 #: bytes per quantized tensor the header's integers may differ by between estimate and plan
 _INT_SLACK = 8
+#: True: each candidate's size and error are predicted from statistics of the tensor
+#: (qpack.estimate) and only the chosen candidates are encoded; False: every candidate is
+#: encoded in full (the exhaustive search, which the tests compare the prediction with)
+PREDICT = True
+#: payload bytes of the chosen candidates' encodings kept for the pack to write as they are
+#: (beyond this, the pack encodes them again)
+KEEP_BYTES = 1 << 28
+#: rounds of encoding the chosen candidates and solving again before every candidate of the
+#: tensors still unconfirmed is encoded (the plan is then exhaustive there)
+_CONFIRM_ROUNDS = 8
 
 
 class Choice(NamedTuple):
@@ -103,6 +124,7 @@ class _Trial(NamedTuple):
     snr_db: float = math.inf  # -20 log10(rel_rms)
     entry: TensorEntry | None = None  # header entry, length and crc32 filled (for the exact plan)
     span: float = 1.0
+    exact: bool = True  # encoded in full (else predicted: size and error are estimates, entry a sketch or None)
 
 
 @dataclass
@@ -115,6 +137,56 @@ class _Measured:
     weights: dict[str, float]  # quantized tensor -> its weight in the objective
     entries: list[TensorEntry | str]  # file order: a lossless tensor's entry, or a quantized tensor's name
     elements: int  # elements of all tensors, raw ones included
+    #: what encodes a predicted tensor's columns: its tensors, decisions and each column's setting
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    settings: dict[str, list[_Setting]] = field(default_factory=dict)
+    #: quantized tensor -> its count of distinct values, once counted (for the encoder's stats)
+    distinct: dict[str, int | None] = field(default_factory=dict)
+    #: encodes done to confirm predictions
+    confirmed: int = 0
+    #: the last solution's columns were all encoded (a next solve needs few confirmations)
+    settled: bool = False
+    #: quantized tensor -> setting -> (decision, entry, payload, report row) of confirmations
+    kept: dict[str, dict[_Setting, Any]] = field(default_factory=dict)
+    kept_bytes: int = 0
+
+    def confirm(self, columns: Mapping[str, int]) -> bool:
+        """Encode the given columns where they are predicted, and put what they really cost
+        in their place (and in every column of the same setting). True if any was predicted."""
+        todo = [(name, column) for name, column in columns.items() if not self.trials[name][column].exact]
+        if not todo:
+            return False
+
+        def encode(item: tuple[str, int]) -> tuple[tuple[_Trial, float] | None, list[Any]]:
+            name, column = item
+            tensor = self.tensors[name]
+            if name not in self.distinct:
+                self.distinct[name] = count_distinct(tensor) if tensor.numel() <= UNIQUE_LIMIT else None
+            keep: list[Any] = []
+            return _encoded(name, tensor, self.decisions[name], self.settings[name][column], self.distinct[name],
+                            keep), keep
+
+        for (name, column), (done, keep) in zip(todo, ordered_map(encode, todo, min(default_workers(4), len(todo)))):
+            assert done is not None, "a predicted tensor is finite"
+            trial, rel = done
+            if self.kept_bytes + len(keep[0][2]) <= KEEP_BYTES:  # for the pack to write as it is
+                self.kept.setdefault(name, {})[self.settings[name][column]] = keep[0]
+                self.kept_bytes += len(keep[0][2])
+            trial = trial._replace(cost=rel * rel * self.weights[name])
+            setting = self.settings[name][column]
+            row = self.trials[name]
+            for j, other in enumerate(self.settings[name]):
+                if other == setting:
+                    row[j] = trial
+            self.confirmed += 1
+        return True
+
+    def confirm_all(self) -> None:
+        """Encode every predicted column (the exhaustive search, for the tensors predicted)."""
+        for name, row in self.trials.items():
+            for column in range(len(row)):
+                self.confirm({name: column})
 
 
 @dataclass(frozen=True)
@@ -140,6 +212,10 @@ class Allocation:
     budget_bytes: int | None = None
     #: "per-layer" (the default objective) or "sensitivity" (weights measured on data)
     objective: str = "per-layer"
+    #: tensor -> (decision, entry, payload, report row): chosen candidates encoded while
+    #: planning, which :func:`qpack.pack` writes as they are when its decision is the same
+    encoded: Mapping[str, tuple[Decision, TensorEntry, Any, Any]] = field(default_factory=dict, repr=False,
+                                                                          compare=False)
 
     def summary(self) -> dict[str, Any]:
         """The numbers worth recording in the file (JSON-ready, rounded so bytes stay stable)."""
@@ -208,15 +284,17 @@ def plan(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bpw: float 
         raise InputError(f"{what}: no tensor here can be quantized (integer, 1-D, small, excluded or "
                          "non-finite tensors are stored losslessly); pack without it for a lossless file")
     floor = None if policy.min_snr_db is None or policy.allow_below_floor else policy.min_snr_db
-    allowed = _apply_floor(measured.trials, floor)
     meta = metadata or (lambda summary: {})
     planner = _Planner(measured, meta)
     if target_bpw is not None:
-        columns = _least_error(measured, allowed, planner, target_bpw, floor, policy)
+        columns = _least_error(measured, planner, target_bpw, floor, policy)
     else:
-        columns = _least_size(measured, allowed, max_error)
-    return planner.allocation(columns, policy.min_snr_db, sensitivity is not None,
-                              None if target_bpw is None else int(target_bpw * measured.elements / 8))
+        columns = _least_size(measured, floor, max_error)
+    result = planner.allocation(columns, policy.min_snr_db, sensitivity is not None,
+                                None if target_bpw is None else int(target_bpw * measured.elements / 8))
+    kept = {name: measured.kept[name][measured.settings[name][column]] for name, column in columns.items()
+            if name in measured.kept and measured.settings[name][column] in measured.kept[name]}
+    return replace(result, encoded=kept)
 
 
 def layer_weights(sizes: Mapping[str, int], sensitivity: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -287,27 +365,47 @@ def _entry_bytes(entry: TensorEntry) -> int:
 
 def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: Mapping[str, float] | None,
              granularities: tuple[str, ...]) -> _Measured:
-    """Encode each quantized tensor at every candidate; the rest once."""
-    trials: dict[str, list[_Trial]] = {}
-    rel: dict[str, list[float]] = {}
-    entries: list[TensorEntry | str] = []
-    elements = 0
-    for name, tensor in tensors.items():
-        elements += tensor.numel()
+    """Measure each quantized tensor at every candidate (predicted, or with ``PREDICT`` False
+    or where the prediction does not apply, encoded in full); encode the rest once.
+    Tensors are measured on a few threads (qpack.parallel), in file order."""
+    candidates = _candidates(policy, granularities)
+
+    def measure(item: tuple[str, torch.Tensor]) -> tuple[str, int, TensorEntry | tuple[Decision, list[Any], list[_Setting]]]:
+        name, tensor = item
         decision = policy.decide(name, tensor)
-        found = None if decision.encoding == "raw" else _trials(name, tensor, decision,
-                                                               _candidates(policy, granularities))
+        found = None
+        if decision.encoding != "raw":
+            found = _predicted(name, tensor, decision, candidates) if PREDICT else None
+            if found is None:
+                found = _trials(name, tensor, decision, candidates)
         if found is None:
             entry, stored, _ = encode_tensor(name, tensor, decision)
             entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
-            entries.append(entry)
-        else:
-            trials[name], rel[name] = [t for t, _ in found], [r for _, r in found]
-            entries.append(name)
-    weights = layer_weights({name: tensors[name].numel() for name in trials}, sensitivity)
+            return name, tensor.numel(), entry
+        return name, tensor.numel(), (decision, found, _columns(tensor, candidates))
+
+    trials: dict[str, list[_Trial]] = {}
+    rel: dict[str, list[float]] = {}
+    entries: list[TensorEntry | str] = []
+    decisions: dict[str, Decision] = {}
+    settings: dict[str, list[_Setting]] = {}
+    sizes: dict[str, int] = {}
+    elements = 0
+    for name, numel, done in ordered_map(measure, tensors.items(), min(default_workers(4), max(len(tensors), 1))):
+        elements += numel
+        if isinstance(done, TensorEntry):
+            entries.append(done)
+            continue
+        decision, found, columns = done
+        trials[name], rel[name] = [t for t, _ in found], [r for _, r in found]
+        entries.append(name)
+        sizes[name] = numel
+        if not all(t.exact for t in trials[name]):
+            decisions[name], settings[name] = decision, columns
+    weights = layer_weights(sizes, sensitivity)
     for name, row in trials.items():
         trials[name] = [t._replace(cost=r * r * weights[name]) for t, r in zip(row, rel[name])]
-    return _Measured(trials, weights, entries, elements)
+    return _Measured(trials, weights, entries, elements, tensors, decisions, settings, settled=not settings)
 
 
 def _candidates(policy: Policy, granularities: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -326,52 +424,156 @@ def _settings(method: str) -> list[tuple[int, float]]:
             for span in (SPANS if method == "uniform" and bits in SPAN_BITS else (1.0,))]
 
 
-def _trials(name: str, tensor: torch.Tensor, decision: Decision,
-            candidates: tuple[tuple[str, str], ...]) -> list[tuple[_Trial, float]] | None:
-    """(trial, rel_rms) per (candidate, width, span); None if the tensor is stored raw whatever
-    they are (it holds NaN or Inf). Payloads are not kept, so memory stays one encode's.
+#: (method, bits, span, granularity kind, group size): what one column of a tensor encodes
+_Setting = tuple[str, int, float, str, int]
+
+
+def _columns(tensor: torch.Tensor, candidates: tuple[tuple[str, str], ...]) -> list[_Setting]:
+    """What each column (candidate, width, span) of this tensor encodes.
 
     A candidate whose parameters alone would outweigh its packed indices (per-channel 256-entry
-    codebooks on short rows, say) is not encoded: it costs more than twice what its indices do,
-    and fitting it is the slowest trial there is. Its column repeats the same method's trial
-    with one parameter set for the tensor (or, if that is the heavy one, the first
+    codebooks on short rows, say) is not tried: it costs more than twice what its indices do,
+    and fitting it is the slowest trial there is. Its column repeats the same method's
+    setting with one parameter set for the tensor (or, if that is the heavy one, the first
     candidate's at the same width), so every tensor keeps the same columns.
     """
-    encoded: dict[tuple[int, str, str, float], tuple[_Trial, float]] = {}
-    distinct = count_distinct(tensor) if tensor.numel() <= UNIQUE_LIMIT else None  # the same for every trial
-
-    def trial(method: str, bits: int, span: float, kind: str, group_size: int) -> tuple[_Trial, float] | None:
-        label = f"group:{group_size}" if group_size else kind
-        key = (bits, label, method, span)
-        if key not in encoded:  # a fallback repeats a trial: encode it once
-            entry, stored, row = encode_tensor(name, tensor, replace(
-                decision, encoding=method, bits=bits, granularity=kind, group_size=group_size, span=span),
-                distinct=distinct)
-            if entry.encoding == "raw":
-                return None
-            entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
-            rel = row.rel_rms or 0.0
-            snr = -20 * math.log10(rel) if rel > 0 else math.inf
-            encoded[key] = (_Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0, method, snr,
-                                   entry, span), rel)
-        return encoded[key]
-
-    found: list[tuple[_Trial, float]] = []
+    columns = []
     for method, text in candidates:
         kind, group_size = granularity_for(text, tensor)
         rows = parameter_rows(tuple(tensor.shape), kind, group_size)
         for bits, span in _settings(method):
             if rows * _PARAMS_PER_ROW[method](bits) * 4 <= tensor.numel() * bits / 8:
-                done = trial(method, bits, span, kind, group_size)
+                columns.append((method, bits, span, kind, group_size))
             elif rows > 1:  # the same method with one parameter set
-                done = trial(method, bits, span, "tensor", 0)
-            else:  # the first candidate's trial at this width
-                first, text = candidates[0]
-                done = trial(first, bits, 1.0, *granularity_for(text, tensor))
-            if done is None:
-                return None
-            found.append(done)
+                columns.append((method, bits, span, "tensor", 0))
+            else:  # the first candidate's setting at this width
+                first, first_text = candidates[0]
+                columns.append((first, bits, 1.0, *granularity_for(first_text, tensor)))
+    return columns
+
+
+def _encoded(name: str, tensor: torch.Tensor, decision: Decision, setting: _Setting,
+             distinct: int | None, keep: list[Any] | None = None) -> tuple[_Trial, float] | None:
+    """One setting encoded in full: (trial, rel_rms), or None if the tensor is stored raw (NaN
+    or Inf). With ``keep``, (decision, entry, payload, report row) is appended to it."""
+    method, bits, span, kind, group_size = setting
+    decision = replace(decision, encoding=method, bits=bits, granularity=kind, group_size=group_size, span=span)
+    entry, stored, row = encode_tensor(name, tensor, decision, distinct=distinct)
+    if entry.encoding == "raw":
+        return None
+    entry.length, entry.crc32 = len(stored), zlib.crc32(stored)
+    rel = row.rel_rms or 0.0
+    snr = -20 * math.log10(rel) if rel > 0 else math.inf
+    label = f"group:{group_size}" if group_size else kind
+    if keep is not None:
+        keep.append((decision, replace(entry), stored, row))
+    return _Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0, method, snr, entry, span), rel
+
+
+def _trials(name: str, tensor: torch.Tensor, decision: Decision,
+            candidates: tuple[tuple[str, str], ...]) -> list[tuple[_Trial, float]] | None:
+    """(trial, rel_rms) per (candidate, width, span), each encoded in full; None if the tensor
+    is stored raw whatever they are (it holds NaN or Inf). Payloads are not kept, so memory
+    stays one encode's."""
+    encoded: dict[_Setting, tuple[_Trial, float] | None] = {}
+    distinct = count_distinct(tensor) if tensor.numel() <= UNIQUE_LIMIT else None  # the same for every trial
+    found: list[tuple[_Trial, float]] = []
+    for setting in _columns(tensor, candidates):
+        if setting not in encoded:  # a fallback repeats a trial: encode it once
+            encoded[setting] = _encoded(name, tensor, decision, setting, distinct)
+        done = encoded[setting]
+        if done is None:
+            return None
+        found.append(done)
     return found
+
+
+def _predictable(tensor: torch.Tensor, decision: Decision, candidates: tuple[tuple[str, str], ...]) -> bool:
+    """Whether :mod:`qpack.estimate` models this tensor's candidates: grids and codebooks
+    fitted to the values as they are (no pruning, no forced zero level), rANS allowed, and
+    k-means only per tensor; finite values; and not so many values near 0 that the encoder
+    gives its grids an exact 0 level even at 5 bits (``codecs.uniform.ZERO_HEAVY``: sparse or
+    L1-trained weights; the estimate does not model that grid). Dense weights may get one at
+    2-4 bits, where the estimate then over-predicts the error; a chosen candidate is
+    confirmed by a full encode."""
+    if (decision.prune or decision.exact_zero or decision.rans == "never"
+            or any(method == "kmeans" and text != "tensor" for method, text in candidates)
+            or not bool(torch.isfinite(tensor.amin()) and torch.isfinite(tensor.amax()))):
+        return False
+    flat = tensor.reshape(1, -1)
+    whole = {"min": flat.amin(dim=1).to(torch.float32), "max": flat.amax(dim=1).to(torch.float32)}
+    return not uniform.zero_heavy(tensor, whole, 5, 1, None)
+
+
+def _predicted(name: str, tensor: torch.Tensor, decision: Decision,
+               candidates: tuple[tuple[str, str], ...]) -> list[tuple[_Trial, float]] | None:
+    """(trial, rel_rms) per column, predicted by :mod:`qpack.estimate` (``exact`` False);
+    None where the prediction does not apply (the caller then encodes every candidate)."""
+    if not _predictable(tensor, decision, candidates):
+        return None
+    columns = _columns(tensor, candidates)
+    numel, shape = tensor.numel(), tuple(tensor.shape)
+    found: dict[_Setting, tuple[_Trial, float]] = {}
+    groups: dict[tuple[str, str, int], list[_Setting]] = {}
+    for setting in dict.fromkeys(columns):
+        groups.setdefault((setting[0], setting[3], setting[4]), []).append(setting)
+    measured: dict[tuple[str, int, bool], estimate.Statistics | None] = {}  # one histogram per granularity
+    for (method, kind, group_size), settings in groups.items():
+        rows = parameter_rows(shape, kind, group_size)
+        limit = estimate.KMEANS_EXACT_LIMIT if method == "kmeans" else estimate.EXACT_LIMIT
+        exact = numel <= limit
+        if (kind, group_size, exact) not in measured:
+            measured[kind, group_size, exact] = estimate.statistics(tensor, rows, group_size or None, limit)
+        stats = measured[kind, group_size, exact]
+        if stats is None or stats.u.size == 0:
+            return None
+        widths = [bits for _, bits, _, _, _ in settings]
+        per_row = _PARAM_BYTES[decision.param_dtype]
+        if method == "uniform":
+            counts, error = estimate.uniform(stats, [(bits, span) for _, bits, span, _, _ in settings])
+            params = [rows * per_row(method, 2) + _BASE_BYTES[decision.param_dtype]] * len(settings)
+        else:
+            counts, error, books = estimate.kmeans(stats, widths)
+            params = [rows * per_row(method, int(k)) for k in books]
+        sizes = estimate.stored_sizes(numel, widths, counts, decision.rans)
+        label = f"group:{group_size}" if group_size else kind
+        for setting, size, param_bytes, rel in zip(settings, sizes, params, estimate.relative_error(stats, error)):
+            snr = -20 * math.log10(rel) if rel > 0 else math.inf
+            trial = _Trial(setting[1], label, int(size) + param_bytes, 0.0, method, snr, None, setting[2], exact=False)
+            found[setting] = (trial, rel)
+            if setting == columns[0]:
+                # the planner counts the header from entries: the first column gets a sketch of one
+                found[setting] = (trial._replace(entry=_sketch(name, tensor, decision, setting, trial, int(size),
+                                                               param_bytes)), rel)
+    return [found[setting] for setting in columns]
+
+
+#: bytes of a parameter set's values per stored element type: (method, values per row) -> bytes
+_PARAM_BYTES: dict[str, Callable[[str, int], int]] = {
+    "float32": lambda method, count: 4 * count, "float16": lambda method, count: 2 * count,
+    "uint8": lambda method, count: count if method == "uniform" else 2 * count}
+#: bytes per tensor besides the rows' parameters (the uint8 codes' float32 base)
+_BASE_BYTES = {"float32": 0, "float16": 0, "uint8": 16}
+
+
+def _sketch(name: str, tensor: torch.Tensor, decision: Decision, setting: _Setting, trial: _Trial,
+            payload: int, param_bytes: int) -> TensorEntry:
+    """A header entry like the one encoding ``setting`` would give, for the planner's estimate
+    of the header (its parameter bytes as incompressible as float values, seeded by the name)."""
+    method, bits, _, kind, group_size = setting
+    dtype = name_of_dtype(tensor.dtype) or "float32"
+    noise = np.random.default_rng(zlib.crc32(name.encode())).bytes(param_bytes)
+    params: dict[str, Any] = ({"min": noise[:param_bytes // 2], "max": noise[param_bytes // 2:]} if method == "uniform"
+                              else {"codebook": noise, "codebook_size": max(1, param_bytes // 4)})
+    entry = TensorEntry(name, dtype, tuple(tensor.shape), method, bits, kind, params, compression="rans",
+                        raw_length=expected_raw_length(dtype, tuple(tensor.shape), method, bits), width=bits,
+                        group_size=group_size, param_dtype="float32" if decision.param_dtype == "uint8"
+                        else decision.param_dtype)
+    entry.length, entry.crc32 = payload, 0xFFFFFFFF
+    entry.stats = {"unique_after": 1 << bits, "rel_rms": float(f"{10 ** (-trial.snr_db / 20):.4g}")
+                   if math.isfinite(trial.snr_db) else 0.0, "snr_db": round(trial.snr_db, 2)
+                   if math.isfinite(trial.snr_db) else 0.0}
+    return entry
 
 
 def _apply_floor(trials: Mapping[str, list[_Trial]], floor: float | None) -> dict[str, list[bool]]:
@@ -395,10 +597,13 @@ class _Planner:
 
     def __init__(self, measured: _Measured, metadata: Callable[[dict[str, Any]], Mapping[str, str]]) -> None:
         self.measured, self.metadata = measured, metadata
-        reference = {name: 0 for name in measured.trials}
-        longest = {"objective": "sensitivity", "min_snr_db": _LONGEST_ERROR, "predicted_error": _LONGEST_ERROR}
         # what no choice changes: the whole planned file less the quantized tensors' own bytes
-        self.fixed = self.file_bytes(reference, longest) - self.quantized_bytes(reference)
+        self.fixed = self.fixed_for({name: 0 for name in measured.trials})
+
+    def fixed_for(self, columns: Mapping[str, int]) -> int:
+        """The planned file of these columns, with the longest summary, less their own bytes."""
+        longest = {"objective": "sensitivity", "min_snr_db": _LONGEST_ERROR, "predicted_error": _LONGEST_ERROR}
+        return self.file_bytes(columns, longest) - self.quantized_bytes(columns)
 
     def quantized_bytes(self, columns: Mapping[str, int]) -> int:
         return sum(self.measured.trials[name][column].size for name, column in columns.items())
@@ -427,43 +632,86 @@ class _Planner:
         return replace(result, file_bytes=size, fixed_bytes=size - result.quantized_bytes)
 
 
-def _least_error(measured: _Measured, allowed: Mapping[str, list[bool]], planner: _Planner, target_bpw: float,
-                 floor: float | None, policy: Policy) -> dict[str, int]:
+def _confirmed(measured: _Measured, floor: float | None,
+               solve: Callable[[dict[str, list[bool]], bool], _Columns | None], limited: int | None = None) -> tuple[_Columns | None, dict[str, list[bool]]]:
+    """``solve(allowed, thorough)`` until every column it chooses is encoded, not predicted: each
+    round encodes the chosen candidates that were predicted and solves again with what they
+    really cost (and, for the floor, their real SNR). Rounds solve quickly (``thorough`` False:
+    fewer starts) until nothing is left to confirm; the answer is always a thorough solve's. Where it finds no solution, each tensor's
+    allowed column of least field ``limited`` is encoded and it tries again, so that no
+    limit is refused on a prediction. After ``_CONFIRM_ROUNDS`` rounds every column of the
+    tensors still unconfirmed is encoded. Returns the columns (None: no solution) and the
+    floor's mask they were solved with."""
+    thorough = measured.settled  # nothing predicted, or the last call's answer was all confirmed: full solves
+    for round_ in range(_CONFIRM_ROUNDS + 3):
+        if round_ == _CONFIRM_ROUNDS:
+            measured.confirm_all()
+        allowed = _apply_floor(measured.trials, floor)
+        columns = solve(allowed, thorough)
+        if columns is None and limited is not None:
+            least = {name: int(np.argmin([t[limited] for t in row])) for name, row in _masked(measured, allowed).items()}
+            if measured.confirm(least):
+                continue
+        if columns is None:
+            return columns, allowed
+        if not measured.confirm(columns):
+            if thorough:
+                measured.settled = True
+                return columns, allowed
+            thorough = True  # the quick solves found what to confirm; the answer is a full one's
+    raise AssertionError("every column is encoded after confirm_all")
+
+
+def _least_error(measured: _Measured, planner: _Planner, target_bpw: float, floor: float | None,
+                 policy: Policy) -> dict[str, int]:
     """The least total cost with the file within ``target_bpw``, checked on the planned file."""
     budget = int(target_bpw * measured.elements / 8)
-    trials = _masked(measured, allowed)
     slack = 0
     for _ in range(16):
-        columns = _allocate(trials, minimise=_COST, limited=_SIZE, limit=budget - planner.fixed - slack)
+        columns, allowed = _confirmed(measured, floor, lambda allowed, thorough: _allocate(
+            _masked(measured, allowed), minimise=_COST, limited=_SIZE, limit=budget - planner.fixed - slack,
+            thorough=thorough), _SIZE)
         if columns is None:
             break
         summary = planner.allocation(columns, policy.min_snr_db, False, budget).summary()
-        over = planner.file_bytes(columns, summary) - budget
+        size = planner.file_bytes(columns, summary)
+        over = size - budget
         if over <= 0:
             return columns
+        if size - planner.quantized_bytes(columns) > planner.fixed and measured.settings:
+            # the header was estimated from sketches of predicted entries: count it as planned
+            planner.fixed = size - planner.quantized_bytes(columns)
+            continue
         # the estimate missed a few header bytes (a compressed header's size moves with its
         # contents): plan again within less, growing the margin so that the greedy fill, which
         # uses up whatever it is given, cannot miss by a byte again and again
         slack += max(over, slack, 8)
-    raise InputError(_infeasible(measured, allowed, planner, target_bpw, floor))
+    raise InputError(_infeasible(measured, planner, target_bpw, floor))
 
 
-def _infeasible(measured: _Measured, allowed: Mapping[str, list[bool]], planner: _Planner, target_bpw: float,
-                floor: float | None) -> str:
-    """Why a target cannot be met, and the smallest one that can."""
-    def smallest(mask: Mapping[str, list[bool]] | None) -> tuple[float, dict[str, int]]:
-        columns = {}
-        for name, row in measured.trials.items():
-            sizes = [t.size if mask is None or mask[name][i] else math.inf for i, t in enumerate(row)]
-            columns[name] = int(np.argmin(sizes))
-        planned = planner.fixed + planner.quantized_bytes(columns) + _INT_SLACK * len(columns)
+def _infeasible(measured: _Measured, planner: _Planner, target_bpw: float, floor: float | None) -> str:
+    """Why a target cannot be met, and the smallest one that can (its choices encoded, so that
+    the target named is met)."""
+    def smallest(use_floor: bool) -> tuple[float, dict[str, int]]:
+        def least(allowed: dict[str, list[bool]], thorough: bool) -> _Columns:
+            columns = {}
+            for name, row in measured.trials.items():
+                sizes = [t.size if not use_floor or allowed[name][i] else math.inf for i, t in enumerate(row)]
+                columns[name] = int(np.argmin(sizes))
+            return columns
+
+        columns, _ = _confirmed(measured, floor, least)
+        assert columns is not None
+        # the header of these (encoded) choices as planned, where the first plan's came from sketches
+        fixed = max(planner.fixed, planner.fixed_for(columns)) if measured.settings else planner.fixed
+        planned = fixed + planner.quantized_bytes(columns) + _INT_SLACK * len(columns)
         return math.ceil(planned * 8 / measured.elements * 100) / 100, columns
 
-    least, _ = smallest(None)
+    least, _ = smallest(False)
     if target_bpw < least or floor is None:
         return (f"--target-bpw {target_bpw:g} is below what the smallest choices (1-bit indices) give here "
                 f"(about {least:.2f} bits per weight)")
-    feasible, columns = smallest(allowed)
+    feasible, columns = smallest(True)
     # the tensor the floor costs the most bytes
     trials = measured.trials
     name = max(columns, key=lambda n: trials[n][columns[n]].size - min(t.size for t in trials[n]))
@@ -473,16 +721,20 @@ def _infeasible(measured: _Measured, allowed: Mapping[str, list[bool]], planner:
             f"--allow-below-floor)")
 
 
-def _least_size(measured: _Measured, allowed: Mapping[str, list[bool]], max_error: float) -> dict[str, int]:
+def _least_size(measured: _Measured, floor: float | None, max_error: float) -> dict[str, int]:
     """The fewest bytes with the objective's predicted error within ``max_error``."""
     total_weight = sum(measured.weights.values())
-    trials = _masked(measured, allowed)
-    columns = _allocate(trials, minimise=_SIZE, limited=_COST, limit=max_error ** 2 * total_weight)
+    columns, _ = _confirmed(measured, floor, lambda allowed, thorough: _allocate(
+        _masked(measured, allowed), minimise=_SIZE, limited=_COST, limit=max_error ** 2 * total_weight,
+        thorough=thorough), _COST)
     if columns is None:
-        best = sum(min(t.cost for t in row) for row in measured.trials.values())
+        best, _ = _confirmed(measured, None, lambda allowed, thorough: {
+            name: int(np.argmin([t.cost for t in row])) for name, row in measured.trials.items()})
+        assert best is not None
+        error = sum(measured.trials[name][column].cost for name, column in best.items())
         raise InputError(f"--max-error {max_error:g} cannot be met here: even the most accurate choice "
                          f"for each tensor ({max(CANDIDATE_BITS)} bits at most) gives an error of "
-                         f"{math.sqrt(best / total_weight):.4g}")
+                         f"{math.sqrt(error / total_weight):.4g}")
     return columns
 
 
@@ -491,18 +743,21 @@ _Columns = dict[str, int]
 _SIZE, _COST = _Trial._fields.index("size"), _Trial._fields.index("cost")
 
 
-def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, limit: float) -> _Columns | None:
+def _allocate(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, limit: float,
+              thorough: bool = True) -> _Columns | None:
     """One candidate (column) per tensor: the sum of field ``minimise`` as small as found, the sum of field
     ``limited`` within ``limit``; None if even each tensor's least ``limited`` does not fit.
+    ``thorough`` False starts only from the two Lagrangian points (not from every fixed setting).
 
     Arrays hold one row per tensor and one column per candidate (the same candidates, in the
     same order, for every tensor), so thousands of tensors are quick.
     """
     with np.errstate(invalid="ignore", divide="ignore"):  # candidates below the floor are infinite
-        return _allocate_finite(trials, minimise, limited, limit)
+        return _allocate_finite(trials, minimise, limited, limit, thorough)
 
 
-def _allocate_finite(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, limit: float) -> _Columns | None:
+def _allocate_finite(trials: Mapping[str, list[_Trial]], minimise: int, limited: int, limit: float,
+                     thorough: bool = True) -> _Columns | None:
     names = list(trials)
     table = np.array([[(t[minimise], t[limited]) for t in trials[name]] for name in names],
                      dtype=np.float64).reshape(len(names), -1, 2)
@@ -534,7 +789,7 @@ def _allocate_finite(trials: Mapping[str, list[_Trial]], minimise: int, limited:
     # result is never worse than one width and granularity for all), repair and improve each greedily, and keep the best.
     starts = [choose(high), choose(low)]
     uniform = (np.full(len(names), column) for column in range(table.shape[1]))
-    starts += [same for same in uniform if used(same) <= limit]
+    starts += [same for same in uniform if thorough and used(same) <= limit]
     finished = [_improve(objective, resource, _repair(objective, resource, start, limit), limit)
                 for start in starts]
     best = min(finished, key=lambda choice: (float(objective[rows, choice].sum()), used(choice)))

@@ -199,6 +199,7 @@ def pack(
 
     candidates: tuple[str, ...] = ()
     summary = None
+    planned: dict[str, Any] = {}
     notes = list(checkpoint.notes)
     if target_bpw is not None or max_error is not None:
         from .allocate import candidate_granularities, plan
@@ -208,6 +209,7 @@ def pack(
             chosen = plan(checkpoint.tensors, policy, target_bpw, sensitivity, max_error=max_error,
                           granularities=candidates, metadata=lambda summary: file_metadata(candidates, summary))
         summary = chosen.summary()
+        planned = dict(chosen.encoded)
         notes += _allocation_notes(chosen, target_bpw)
         allocation = f"--target-bpw {target_bpw}" if max_error is None else f"--max-error {max_error}"
         choices = chosen.choices.items()
@@ -226,7 +228,13 @@ def pack(
 
         def encode(item: tuple[str, torch.Tensor]) -> tuple[Any, Any, TensorReport]:
             name, tensor = item
-            return encode_tensor(name, tensor, policy.decide(name, tensor))
+            decision = policy.decide(name, tensor)
+            done = planned.pop(name, None)
+            if done is not None and dataclasses.replace(done[0], reason="") == dataclasses.replace(decision, reason=""):
+                _, entry, payload, row = done  # the allocation encoded this very decision already
+                row.reason = decision.reason
+                return dataclasses.replace(entry), payload, row
+            return encode_tensor(name, tensor, decision)
 
         encoded = ordered_map(encode, checkpoint.tensors.items(), min(threads or default_workers(4), total))
         for done, (entry, payload, row) in enumerate(encoded, 1):

@@ -145,9 +145,11 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
     span = {"span": decision.span} if decision.span != 1.0 and codec is codecs.uniform else {}
     params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=keep_zero, **span)
     if codec is codecs.uniform and not keep_zero and codec.zero_heavy(tensor, params, bits, rows, row_length):
-        keep_zero = True  # most values near 0 (L1, sparse): a grid with 0 between two levels moves them all
-        params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=True, **span)
-        row.reason += ", many values near 0: a grid with an exact 0"
+        # most values near 0 (L1, sparse): a grid with 0 between two levels moves them all
+        with_zero = codec.choose_params(tensor, bits, rows, row_length, keep_zero=True, **span)
+        if codec.zero_level_helps(tensor, params, with_zero, bits, rows, row_length):
+            keep_zero, params = True, with_zero
+            row.reason += ", many values near 0: a grid with an exact 0"
     param_dtype = "float32"
     stored_params = None
     if decision.param_dtype == "uint8" and codec is codecs.uniform and not keep_zero:

@@ -64,12 +64,15 @@ def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
     return {"min": lo, "max": hi}
 
 
-#: a grid gets an exact 0 level by itself when more than this share of the values lie within
-#: half a step of 0: an L1-trained or sparse layer, whose near-zero weights a grid with 0
-#: between two levels would all push half a step away (a seed CNN's fc1 at 6 bits: relative
-#: error 1.01, SNR -0.1 dB; with a 0 level, 0.096 and 20.3 dB, in fewer bytes). Dense
-#: Gaussian or Laplace weights come near it only at 1-2 bits, where a 0 level helps too.
+#: a grid with an exact 0 level is tried when more than this share of the values lie within
+#: half a step of 0, and kept where its error is lower (``zero_level_helps``): an L1-trained or
+#: sparse layer, whose near-zero weights a grid with 0 between two levels would all push half
+#: a step away (a seed CNN's fc1 at 6 bits: relative error 1.01, SNR -0.1 dB; with a 0 level,
+#: 0.096 and 20.3 dB, in fewer bytes). Dense Gaussian weights pass the share at 2 bits, where
+#: the plain grid is the better one.
 ZERO_HEAVY = 0.5
+#: values per row the error comparison of two grids looks at (a strided sample)
+_COMPARE_SAMPLE = 1 << 16
 
 
 def zero_heavy(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int, rows: int,
@@ -85,6 +88,22 @@ def zero_heavy(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
     near = sum(int((view[start:start + per_block].abs().to(torch.float64) < half_step[start:start + per_block]).sum())
                for start in range(0, rows, per_block))
     return near > ZERO_HEAVY * view.numel()
+
+
+def zero_level_helps(tensor: torch.Tensor, plain: dict[str, torch.Tensor], with_zero: dict[str, torch.Tensor],
+                     bits: int, rows: int, row_length: int | None) -> bool:
+    """Whether the grids ``with_zero`` quantize ``tensor`` with less squared error than
+    ``plain`` (on a strided sample of at most ``_COMPARE_SAMPLE`` values)."""
+    view = as_rows(tensor, rows, row_length)
+    sample = view[:, ::max(1, view.numel() // _COMPARE_SAMPLE)].to(torch.float64)
+
+    def error(params: dict[str, torch.Tensor]) -> float:
+        lo, hi = params["min"].to(torch.float64)[:, None], params["max"].to(torch.float64)[:, None]
+        step = (hi - lo) / ((1 << bits) - 1)
+        index = torch.where(step > 0, torch.round((sample - lo) / torch.where(step > 0, step, 1)), 0)
+        return float(((lo + step * index.clamp(0, (1 << bits) - 1)) - sample).pow(2).sum())
+
+    return error(with_zero) < error(plain)
 
 
 def _widened(lo: torch.Tensor, hi: torch.Tensor, span: float) -> tuple[torch.Tensor, torch.Tensor]:
