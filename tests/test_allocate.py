@@ -325,17 +325,22 @@ def test_small_input_and_output_layers_are_not_sacrificed(tmp_path):
     assert min(r.snr_db for r in report.tensors if r.encoding != "raw") >= FLOOR
 
 
+def budget_note(report):
+    """(budget, fixed, left, used) bytes from the note ``pack`` writes for an allocation."""
+    import re
+
+    note = next(n for n in report.notes if n.startswith("budget:"))
+    return tuple(int(x.replace(",", "")) for x in re.findall(r"[\d,]{2,}", note))
+
+
 def test_the_plan_is_the_file(tmp_path):
     """The budget counts the header, alignment and lossless tensors as the writer writes them:
     what the allocation planned (fixed bytes + the quantized tensors') is the file's size."""
-    import re
-
     state = lenet_like()
     elements = sum(t.numel() for t in state.values())
     for target in (4.0, 5.5):
         report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target, force=True)
-        note = next(n for n in report.notes if n.startswith("budget:"))
-        budget, fixed, left, used = (int(x.replace(",", "")) for x in re.findall(r"[\d,]{2,}", note))
+        budget, fixed, left, used = budget_note(report)
         assert budget == int(target * elements / 8) and left == budget - fixed
         assert fixed + used == report.file_bytes <= budget
 
@@ -630,14 +635,11 @@ def test_the_predicted_max_error_allocation_is_as_small_as_the_exhaustive_one(mo
 
 
 def test_the_predicted_plan_is_the_file_and_its_choices_are_encoded(tmp_path):
-    import re
-
     state = varied_state()
     elements = sum(t.numel() for t in state.values())
     for target in (3.0, 4.5):
         report = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target, force=True)
-        note = next(n for n in report.notes if n.startswith("budget:"))
-        budget, fixed, left, used = (int(x.replace(",", "")) for x in re.findall(r"[\d,]{2,}", note))
+        budget, fixed, left, used = budget_note(report)
         assert fixed + used == report.file_bytes <= budget == int(target * elements / 8)
         # the allocation's error is the file's: every chosen candidate was measured on its encoding
         rows = [r for r in report.tensors if r.encoding != "raw"]

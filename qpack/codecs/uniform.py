@@ -71,31 +71,35 @@ def choose_params(tensor: torch.Tensor, bits: int, rows: int = 1,
 #: 0.096 and 20.3 dB, in fewer bytes). Dense Gaussian weights pass the share at 2 bits, where
 #: the plain grid is the better one.
 ZERO_HEAVY = 0.5
-#: values per row the error comparison of two grids looks at (a strided sample)
+#: values the tests for a 0 level look at (a strided sample of every row)
 _COMPARE_SAMPLE = 1 << 16
+
+
+def _row_sample(tensor: torch.Tensor, rows: int, row_length: int | None) -> torch.Tensor:
+    """A strided sample of each row's values (at most about ``_COMPARE_SAMPLE`` in all, at
+    least one per row), in float64: what the two tests below look at, off the hot path of a
+    full pass."""
+    view = as_rows(tensor, rows, row_length)
+    return view[:, ::max(1, view.numel() // _COMPARE_SAMPLE)].to(torch.float64)
 
 
 def zero_heavy(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int, rows: int,
                row_length: int | None) -> bool:
-    """Whether more than ``ZERO_HEAVY`` of the values lie within half a step of 0 (and 0 is
-    not a level already), on the grids ``params`` give."""
+    """Whether more than ``ZERO_HEAVY`` of the values (of a strided sample) lie within half a
+    step of 0 (and 0 is not a level already), on the grids ``params`` give."""
     lo, hi = params["min"].to(torch.float64), params["max"].to(torch.float64)
     if bits < 2 or not bool(((lo < 0) & (hi > 0)).any()):
         return False  # two levels cannot hold 0 and both sides; or 0 is an end of every grid already
+    sample = _row_sample(tensor, rows, row_length)
     half_step = ((hi - lo) / ((1 << bits) - 1) / 2)[:, None]
-    view = as_rows(tensor, rows, row_length)
-    per_block = max(1, (1 << 22) // max(view.shape[1], 1))  # bounded temporaries
-    near = sum(int((view[start:start + per_block].abs().to(torch.float64) < half_step[start:start + per_block]).sum())
-               for start in range(0, rows, per_block))
-    return near > ZERO_HEAVY * view.numel()
+    return int((sample.abs() < half_step).sum()) > ZERO_HEAVY * sample.numel()
 
 
 def zero_level_helps(tensor: torch.Tensor, plain: dict[str, torch.Tensor], with_zero: dict[str, torch.Tensor],
                      bits: int, rows: int, row_length: int | None) -> bool:
     """Whether the grids ``with_zero`` quantize ``tensor`` with less squared error than
-    ``plain`` (on a strided sample of at most ``_COMPARE_SAMPLE`` values)."""
-    view = as_rows(tensor, rows, row_length)
-    sample = view[:, ::max(1, view.numel() // _COMPARE_SAMPLE)].to(torch.float64)
+    ``plain`` (on a strided sample of at most about ``_COMPARE_SAMPLE`` values)."""
+    sample = _row_sample(tensor, rows, row_length)
 
     def error(params: dict[str, torch.Tensor]) -> float:
         lo, hi = params["min"].to(torch.float64)[:, None], params["max"].to(torch.float64)[:, None]
