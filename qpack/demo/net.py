@@ -5,7 +5,10 @@
 - :class:`LeNet5`: Caffe's LeNet as Han et al. ("Deep Compression", ICLR 2016) compress it:
   conv 20 5x5, max-pool, conv 50 5x5, max-pool, fc 500, ReLU, fc 10.
 
-:data:`MODELS` maps the demo's ``--model`` names to the classes.
+:data:`MODELS` maps the demo's ``--model`` names to the classes. The LeNets start from
+Caffe's fillers (:func:`caffe_xavier_`), as the prototxts Deep Compression trained from do;
+PyTorch's default (Kaiming-uniform with a = sqrt(5), i.e. bound sqrt(1/fan_in), and non-zero
+biases) starts their weights sqrt(3) times smaller.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "LeNet5",
     "LeNet300",
     "SeedNet",
+    "caffe_xavier_",
 ]
 
 #: number of parameters of :class:`SeedNet` (buffers not counted)
@@ -31,6 +35,22 @@ SEED_PARAMETER_COUNT = 481_214
 LENET300_PARAMETER_COUNT = 266_610
 #: number of parameters of :class:`LeNet5`
 LENET5_PARAMETER_COUNT = 431_080
+
+
+def caffe_xavier_(module: nn.Module) -> None:
+    """Initialise every conv and linear layer of ``module`` as Caffe's ``xavier`` filler does.
+
+    Caffe's default ``variance_norm: FAN_IN`` draws weights from U(-sqrt(3 / fan_in),
+    +sqrt(3 / fan_in)), fan_in = inputs x kernel area; the LeNet prototxts fill biases with 0.
+    """
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            fan_in = layer.weight[0].numel()
+            bound = (3.0 / fan_in) ** 0.5
+            with torch.no_grad():
+                layer.weight.uniform_(-bound, bound)
+                if layer.bias is not None:
+                    layer.bias.zero_()
 
 
 class SeedNet(nn.Module):
@@ -68,6 +88,7 @@ class LeNet300(nn.Module):
         self.fc1 = nn.Linear(28 * 28, 300)
         self.fc2 = nn.Linear(300, 100)
         self.fc3 = nn.Linear(100, num_classes)
+        caffe_xavier_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch ``(N, 1, 28, 28)`` -> ``(N, num_classes)``."""
@@ -90,6 +111,7 @@ class LeNet5(nn.Module):
         self.conv2 = nn.Conv2d(20, 50, kernel_size=5)
         self.fc1 = nn.Linear(50 * 4 * 4, 500)
         self.fc2 = nn.Linear(500, num_classes)
+        caffe_xavier_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch ``(N, 1, 28, 28)`` -> ``(N, num_classes)``."""
