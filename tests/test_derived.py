@@ -261,3 +261,19 @@ def test_load_reports_progress_for_every_tensor_in_file_order(tmp_path):
 def test_format_errors_are_named(tmp_path, v4_bytes):
     exc = rejects(tmp_path, crafted(v4_bytes, lambda doc, payloads: _mask(doc)["params"].update(rule="any")), "R24")
     assert isinstance(exc, FormatError) and "nonzero" in str(exc)
+
+
+def test_a_file_built_by_hand_from_the_spec_example_reads(tmp_path):
+    source = torch.tensor([[0.5, 0.0], [-0.0, -2.0]])
+    doc = {"tensors": [
+        {"name": "w", "dtype": "float32", "shape": [2, 2], "length": 16, "crc32": 0},
+        {"name": "m", "dtype": "uint8", "shape": [2, 2], "encoding": "derived",
+         "params": {"source": "w", "rule": "nonzero"}, "length": 0, "crc32": 0},
+        {"name": "f", "dtype": "float32", "shape": [2, 2], "encoding": "derived",
+         "params": {"rule": "nonzero", "source": "w"}, "length": 0, "crc32": 0},  # keys in any order
+    ], "metadata": {}}
+    (tmp_path / "hand.qpk").write_bytes(assemble3(doc, [source.numpy().tobytes(), b"", b""], version=4))
+    back = qpack.load(tmp_path / "hand.qpk")
+    assert back["m"].numpy().tobytes().hex() == "01000001"
+    assert back["f"].numpy().tobytes().hex() == "0000803f" "00000000" "00000000" "0000803f"
+    assert qpack.verify(tmp_path / "hand.qpk") == 3
