@@ -253,7 +253,8 @@ def pack(
             if derived.matches(tensor, decode_stored(source_entry, source_payload)):
                 return encode_derived(name, tensor, source)
             entry, payload, row = encode_one(name, tensor)
-            row.reason += "; a mask, but not derived: quantizing its source turns a kept value into 0"
+            # quantization moved a value of the source to 0 (or a 0 off it): the mask says otherwise
+            row.reason += "; a mask, but not derived: its source's zeros move when quantized"
             return entry, payload, row
 
         encoded = ordered_map(encode, checkpoint.tensors.items(), min(threads or default_workers(4), total))
@@ -277,7 +278,8 @@ def pack(
 class _SharedEncodes:
     """The encodes of the tensors masks may be derived from: each is encoded once, by its own
     turn or by its first mask's (in another thread, or before it in file order), and kept
-    until it and all its masks have taken it.
+    until it and all its masks have taken it (so a checkpoint holding its masks after every
+    weight keeps those weights' stored bytes, about the file's size, until the masks come).
 
     A mask's worker encodes the source itself when nobody has started it, so no worker
     waits for an item ``ordered_map`` has not yet submitted.

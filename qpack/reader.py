@@ -35,8 +35,8 @@ from .format import (
     preamble_version,
 )
 
-__all__ = ["QpkReader", "decode_payload", "decode_stored", "decode_indices", "check_indices", "dequantize_indices", "params_on",
-           "MaxBytes"]
+__all__ = ["QpkReader", "decode_payload", "decode_stored", "decode_indices", "check_indices", "dequantize_indices",
+           "params_on", "MaxBytes"]
 
 #: a reader's bound on decoded bytes (spec R23): "auto" for the spec's default (256x the file
 #: size, at least 16 MiB), a number of bytes, or None for no bound
