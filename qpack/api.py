@@ -8,8 +8,10 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,14 @@ import torch
 
 from . import __version__
 from .checkpoint import from_mapping
-from .dtypes import itemsize
-from .encoder import TensorReport, encode_tensor, error_energy, snr_db, storage_of
+from .codecs import derived
+from .dtypes import dtype_from_name, itemsize
+from .encoder import TensorReport, encode_derived, encode_tensor, error_energy, snr_db, storage_of
 from .errors import InputError
 from .format import MAGIC, TensorEntry, default_max_bytes, param_values
 from .parallel import default_workers, ordered_map, torch_threads
 from .policy import Policy, normalized_outputs
-from .reader import MaxBytes, QpkReader
+from .reader import MaxBytes, QpkReader, decode_stored
 from .sources import open_source
 from .structure import STRUCTURE_KEY, rebuild
 from .writer import QpkWriter, atomic_output, check_output_path
@@ -226,8 +229,7 @@ def pack(
     with QpkWriter(out_path, overwrite=force, metadata=meta) as writer:
         total = len(checkpoint.tensors)
 
-        def encode(item: tuple[str, torch.Tensor]) -> tuple[Any, Any, TensorReport]:
-            name, tensor = item
+        def encode_one(name: str, tensor: torch.Tensor) -> tuple[Any, Any, TensorReport]:
             decision = policy.decide(name, tensor)
             done = planned.pop(name, None)
             if done is not None and dataclasses.replace(done[0], reason="") == dataclasses.replace(decision, reason=""):
@@ -235,6 +237,25 @@ def pack(
                 row.reason = decision.reason
                 return dataclasses.replace(entry), payload, row
             return encode_tensor(name, tensor, decision)
+
+        masks = derived.find_sources(checkpoint.tensors) if policy.derive_masks else {}
+        sources = _SharedEncodes(encode_one, masks)
+
+        def encode(item: tuple[str, torch.Tensor]) -> tuple[Any, Any, TensorReport]:
+            name, tensor = item
+            if name in sources:
+                entry, payload, row = sources.get(name, tensor)
+                return dataclasses.replace(entry), payload, row
+            source = masks.get(name)
+            if source is None:
+                return encode_one(name, tensor)
+            source_entry, source_payload, _ = sources.get(source, checkpoint.tensors[source])
+            if derived.matches(tensor, decode_stored(source_entry, source_payload)):
+                return encode_derived(name, tensor, source)
+            entry, payload, row = encode_one(name, tensor)
+            # quantization moved a value of the source to 0 (or a 0 off it): the mask says otherwise
+            row.reason += "; a mask, but not derived: its source's zeros move when quantized"
+            return entry, payload, row
 
         encoded = ordered_map(encode, checkpoint.tensors.items(), min(threads or default_workers(4), total))
         for done, (entry, payload, row) in enumerate(encoded, 1):
@@ -252,6 +273,45 @@ def pack(
                      f"{file_bytes:,}-byte file (spec R23); load it with max_bytes=None (--max-bytes unlimited)")
     return PackReport(str(out_path), rows, file_bytes, original, notes, meta,
                       time.perf_counter() - started, _allocation_of(meta, rows))
+
+
+class _SharedEncodes:
+    """The encodes of the tensors masks may be derived from: each is encoded once, by its own
+    turn or by its first mask's (in another thread, or before it in file order), and kept
+    until it and all its masks have taken it (so a checkpoint holding its masks after every
+    weight keeps those weights' stored bytes, about the file's size, until the masks come).
+
+    A mask's worker encodes the source itself when nobody has started it, so no worker
+    waits for an item ``ordered_map`` has not yet submitted.
+    """
+
+    def __init__(self, encode: Callable[[str, torch.Tensor], Any], masks: Mapping[str, str]) -> None:
+        self._encode = encode
+        self._lock = threading.Lock()
+        self._uses: dict[str, int] = {}
+        for source in masks.values():
+            self._uses[source] = self._uses.get(source, 1) + 1  # the source itself and each mask
+        self._slots: dict[str, Future[Any]] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._uses
+
+    def get(self, name: str, tensor: torch.Tensor) -> Any:
+        with self._lock:
+            slot = self._slots.get(name)
+            mine = slot is None
+            if mine:
+                slot = self._slots[name] = Future()
+            self._uses[name] -= 1
+            if self._uses[name] == 0:
+                del self._slots[name]  # the last user: nothing keeps its payload after this
+        if mine:
+            try:
+                slot.set_result(self._encode(name, tensor))
+            except BaseException as exc:
+                slot.set_exception(exc)
+                raise
+        return slot.result()
 
 
 def _allocation_notes(chosen: Any, target_bpw: float | None) -> list[str]:
@@ -351,18 +411,28 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
     with QpkReader(path, max_bytes=max_bytes) as reader:
         names = reader.keys()
         structure = reader.metadata.get(STRUCTURE_KEY) if nested else None
-        decoded = ordered_map(lambda n: reader.tensor(n, device), names,
+        # derived tensors (spec 3.5) last, from their sources as decoded here: no source twice
+        stored = [n for n in names if reader.entry(n).encoding != "derived"]
+        decoded = ordered_map(lambda n: reader.tensor(n, device), stored,
                               min(threads or default_workers(), len(names)))
-        state = _collect(names, decoded, progress)
+        state = _collect(stored, decoded, progress, len(names))
+        for done, name in enumerate((n for n in names if n not in state), len(state) + 1):
+            entry = reader.entry(name)
+            state[name] = derived.decode(state[entry.params["source"]], dtype_from_name(entry.dtype),
+                                         entry.params["rule"])
+            if progress is not None:
+                progress(name, done, len(names))
+        state = {name: state[name] for name in names}  # file order
     return state if structure is None else rebuild(structure, state, source=str(path))
 
 
-def _collect(names: list[str], tensors: Iterable[torch.Tensor], progress: Progress | None) -> dict[str, torch.Tensor]:
+def _collect(names: list[str], tensors: Iterable[torch.Tensor], progress: Progress | None,
+             total: int | None = None) -> dict[str, torch.Tensor]:
     state = {}
     for done, (name, tensor) in enumerate(zip(names, tensors), 1):
         state[name] = tensor
         if progress is not None:
-            progress(name, done, len(names))
+            progress(name, done, len(names) if total is None else total)
     return state
 
 
@@ -482,7 +552,7 @@ def info(path: str | os.PathLike[str]) -> PackReport:
                 _count_or_none(stats.get("unique_before")), _count_or_none(stats.get("unique_after")),
                 _finite_or_none(stats.get("rel_rms")), _finite_or_none(stats.get("snr_db")),
                 params=_header_params(entry), storage=storage_of(entry),
-                param_dtype=entry.param_dtype if entry.encoding != "raw" else None))
+                param_dtype=entry.param_dtype if entry.encoding not in ("raw", "derived") else None))
         size = os.path.getsize(path)
         original = sum(r.original_bytes for r in rows)
         metadata = dict(reader.metadata)

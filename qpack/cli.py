@@ -295,7 +295,7 @@ def _pack_summary(report: Any) -> str:
         params[key] += _numel(row.shape)
     lines = []
     for (encoding, bits, reason), count in sorted(groups.items(), key=lambda kv: (kv[0][0] == "raw", kv[0])):
-        what = "kept lossless" if encoding == "raw" else f"{encoding} {bits}-bit"
+        what = {"raw": "kept lossless", "derived": "derived mask"}.get(encoding, f"{encoding} {bits}-bit")
         lines.append(f"  {what:<16} {count:>5} tensor(s) {params[(encoding, bits, reason)]:>13,} values  ({reason})")
     lines.append(f"{report.path}: {human_bytes(report.file_bytes)} from {human_bytes(report.original_bytes)} "
                  f"of tensors ({100 * report.ratio:.1f} %) in {report.seconds:.2f} s")

@@ -23,7 +23,7 @@ from .format import PARAM_DTYPES, TensorEntry, expected_raw_length, parameter_ro
 from .policy import Decision
 from .prune import prune_smallest
 
-__all__ = ["TensorReport", "encode_tensor", "snr_db", "error_energy", "storage_of", "BLOCK_ELEMENTS", "UNIQUE_LIMIT"]
+__all__ = ["TensorReport", "encode_tensor", "encode_derived", "snr_db", "error_energy", "storage_of", "BLOCK_ELEMENTS", "UNIQUE_LIMIT"]
 
 #: elements per block of quantization work (a multiple of 8)
 BLOCK_ELEMENTS = 1 << 21
@@ -254,8 +254,27 @@ def _encode_exact(name: str, tensor: torch.Tensor, codebook: torch.Tensor, indic
     return entry, stored, row
 
 
+def encode_derived(name: str, tensor: torch.Tensor, source: str,
+                   rule: str = "nonzero") -> tuple[TensorEntry, bytes, TensorReport]:
+    """A mask stored as derived from the tensor ``source`` (spec 3.5): a header entry, no
+    payload. The caller has checked that it rebuilds exactly (``codecs.derived.matches``
+    against the source as decoded)."""
+    dtype = name_of_dtype(tensor.dtype)
+    assert dtype is not None, "checkpoint validation admits only table dtypes"
+    shape = tuple(tensor.shape)
+    params = {"source": source, "rule": rule}
+    entry = TensorEntry(name, dtype, shape, "derived", 0, "tensor", dict(params), raw_length=0)
+    row = TensorReport(name, list(shape), dtype, "derived", 0, "tensor", tensor.numel() * itemsize(dtype), 0,
+                       rel_rms=0.0, reason="a mask, (w != 0) of a tensor w as it decodes: derived from w, no payload",
+                       params=dict(params), storage=storage_of(entry))
+    return entry, b"", row
+
+
 def storage_of(entry: TensorEntry) -> str:
-    """How a payload is stored, for reports: its compression, and the container if wider."""
+    """How a payload is stored, for reports: its compression, and the container if wider;
+    a derived tensor's rule and source."""
+    if entry.encoding == "derived":
+        return f"{entry.params['rule']}({entry.params['source']})"
     return entry.compression + (f"/w{entry.width}" if entry.width != entry.bits else "")
 
 

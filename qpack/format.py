@@ -1,4 +1,4 @@
-"""The .qpk container, versions 1 to 3: constants, the header schema and its validation.
+"""The .qpk container, versions 1 to 4: constants, the header schema and its validation.
 
 specs/qpk-format.md is the source of truth; every check below names the reader rule
 (R1..R21) it enforces. Nothing here touches payload bytes: ``parse_header`` turns header
@@ -46,23 +46,32 @@ __all__ = [
     "decoded_bytes",
     "default_max_bytes",
     "decoded_size_problem",
+    "check_sources",
+    "current_version_for",
 ]
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
-#: the version qpack writes (spec section 6): compact, compressed header, float16 parameters,
-#: byte planes; versions 1 and 2 are read, and written only when asked (QpkWriter(version=))
-VERSION = 3
+#: the newest version, which qpack writes for a file holding a derived entry (spec section 6);
+#: other files are version 3 (compact, compressed header, float16 parameters, byte planes), so
+#: version-3 readers read them; versions 1 and 2 are written only when asked (QpkWriter(version=))
+VERSION = 4
 #: version 2 adds rANS-coded indices; a version-2 file is one that uses them
 RANS_VERSION = 2
 #: version 3: compact entries, zstd header, param_dtype, compression "zstd_planes"
 COMPACT_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+#: version 4: the "derived" encoding (a mask rebuilt from another tensor, no payload)
+DERIVED_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 # magic, version, header length, header crc32, reserved (v1, v2) / header raw length U (v3)
 PREAMBLE = struct.Struct("<8sIIII")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
 
-ENCODINGS = ("raw", "uniform", "kmeans")
+ENCODINGS = ("raw", "uniform", "kmeans", "derived")
+#: the version each encoding appeared in (R12)
+ENCODING_VERSION = {"raw": 1, "uniform": 1, "kmeans": 1, "derived": DERIVED_VERSION}
+#: R24: the rules a derived entry may name (spec 3.5)
+DERIVED_RULES = ("nonzero",)
 GRANULARITIES = ("tensor", "channel", "group")
 #: R12: group sizes a reader accepts
 MIN_GROUP, MAX_GROUP = 16, 65536
@@ -87,7 +96,7 @@ COMPACT_DEFAULTS: dict[str, Any] = {"encoding": "raw", "bits": 0, "granularity":
 #: zstd level of a version-3 header (small: the slowest level costs nothing)
 HEADER_ZSTD_LEVEL = 19
 PARAM_KEYS = {"raw": frozenset(), "uniform": frozenset({"min", "max"}),
-              "kmeans": frozenset({"codebook", "codebook_size"})}
+              "kmeans": frozenset({"codebook", "codebook_size"}), "derived": frozenset({"source", "rule"})}
 #: R6: items in any msgpack array or map other than 'tensors' and 'metadata'
 INNER_CONTAINER_ITEMS = 256
 #: R15: no zstd frame expands more (a block of at most 128 KiB takes at least 4 bytes)
@@ -198,6 +207,8 @@ def expected_raw_length(dtype: str, shape: tuple[int, ...], encoding: str, width
     numel = math.prod(shape)
     if encoding == "raw":
         return numel * DTYPES[dtype][1]
+    if encoding == "derived":  # no payload: rebuilt from its source (spec 3.5)
+        return 0
     return (numel * width + 7) // 8
 
 
@@ -222,6 +233,11 @@ def layout_offsets(lengths: list[int]) -> list[int]:
 def version_for(entries: list[TensorEntry]) -> int:
     """The lowest of versions 1 and 2 that expresses these entries (what a legacy writer writes)."""
     return RANS_VERSION if any(e.compression == "rans" for e in entries) else 1
+
+
+def current_version_for(entries: list[TensorEntry]) -> int:
+    """What qpack writes (spec 6): version 4 when an entry is derived, else version 3."""
+    return DERIVED_VERSION if any(e.encoding == "derived" for e in entries) else COMPACT_VERSION
 
 
 def param_values(entry: TensorEntry, key: str) -> np.ndarray:
@@ -466,7 +482,7 @@ def _short(value: Any) -> str:
 
 def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMITS, *,
                  version: int, header_raw_length: int = 0) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Validate header bytes (R5-R16 and R22, all but R16's file-size check) and build the entries.
+    """Validate header bytes (R5-R16, R22, R24 and R25, all but R16's file-size check) and build the entries.
 
     Args:
         header: the H stored header bytes.
@@ -504,6 +520,7 @@ def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMI
     assert entries is not None and metadata is not None
     _expect(version != RANS_VERSION or version_for(entries) == version, "R15",
             f"a version-{version} file needs at least one rANS payload (write the lowest version)")
+    check_sources(entries)
     expected = layout_offsets([e.length for e in entries])
     if version >= COMPACT_VERSION:  # offsets are not stored: they are what 1.3 says
         for entry, offset in zip(entries, expected):
@@ -596,10 +613,14 @@ def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> Tenso
     encoding, bits, granularity = raw["encoding"], raw["bits"], raw["granularity"]
     width, group_size = raw["width"], raw["group_size"]
     _expect(encoding in ENCODINGS, "R12", f"{where}: unknown encoding {encoding[:40]!r} (a newer qpack may read it)")
+    _expect(ENCODING_VERSION[encoding] <= version, "R12",
+            f"{where}: encoding {encoding!r} needs file version {ENCODING_VERSION[encoding]}, this is {version}")
     _expect(granularity in GRANULARITIES, "R12", f"{where}: unknown granularity {granularity[:40]!r}")
     if encoding == "raw":
         _expect(bits == 0 and width == 0 and granularity == "tensor" and group_size == 0, "R12",
                 f"{where}: raw tensors have bits 0, width 0, granularity 'tensor' and group_size 0")
+    elif encoding == "derived":
+        _check_derived(where, raw, param_dtype, limits)
     else:
         _expect(1 <= bits <= 16, "R12", f"{where}: bits {bits} outside 1..16")
         _expect(bits <= width <= 16, "R12", f"{where}: width {width} outside {bits}..16 (bits..16)")
@@ -614,7 +635,10 @@ def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> Tenso
             _expect(group_size == 0, "R12", f"{where}: group_size must be 0 unless granularity is 'group'")
     channels = parameter_rows(shape, granularity, group_size) if encoding != "raw" else 1
     _expect(param_dtype == "float32" or encoding != "raw", "R13", f"{where}: raw tensors have no parameters to type")
-    params = _parse_params(where, encoding, bits, channels, raw["params"], param_dtype)
+    if encoding == "derived":  # checked by R24 above
+        params = dict(raw["params"])
+    else:
+        params = _parse_params(where, encoding, bits, channels, raw["params"], param_dtype)
     raw_length = expected_raw_length(dtype, tuple(shape), encoding, width)
     if raw["raw_length"] is _DERIVED:  # version 3 derives it
         raw["raw_length"] = raw_length
@@ -653,6 +677,40 @@ def _parse_entry(position: int, raw: Any, limits: Limits, version: int) -> Tenso
     return TensorEntry(name, dtype, tuple(shape), encoding, bits, granularity, params,
                        raw["offset"], length, raw_length, compression, raw["crc32"], stats,
                        width=width, group_size=group_size, param_dtype=param_dtype)
+
+
+def _check_derived(where: str, raw: dict[str, Any], param_dtype: str, limits: Limits) -> None:
+    """R24, within the entry: a derived entry (spec 3.5) has no bits, no parameters to type,
+    params naming a source tensor and a known rule, and an empty uncompressed payload."""
+    _expect(raw["bits"] == 0 and raw["width"] == 0 and raw["granularity"] == "tensor" and raw["group_size"] == 0,
+            "R24", f"{where}: derived tensors have bits 0, width 0, granularity 'tensor' and group_size 0")
+    _expect(param_dtype == "float32", "R24", f"{where}: derived tensors have no parameters to type")
+    params = raw["params"]
+    _expect(isinstance(params, dict) and set(params) == PARAM_KEYS["derived"], "R24",
+            f"{where}: params of a derived tensor must have exactly the keys 'rule' and 'source'")
+    source, rule = params["source"], params["rule"]
+    _expect(isinstance(source, str) and name_problem(source, limits) is None, "R24",
+            f"{where}: params.source must be a tensor name (1 to {limits.max_name_bytes} bytes of UTF-8)")
+    _expect(isinstance(rule, str) and rule in DERIVED_RULES, "R24",
+            f"{where}: unknown derivation rule {_short(rule)}; this reader knows {', '.join(DERIVED_RULES)}")
+    _expect(raw["compression"] == "none" and raw["length"] == 0, "R24",
+            f"{where}: a derived tensor has no payload (compression 'none', length 0)")
+
+
+def check_sources(entries: list[TensorEntry]) -> None:
+    """R25, across the file: each derived entry's source is another entry of the file, not
+    derived itself (no chains, no cycles), of the same shape (spec 3.5)."""
+    by_name = {e.name: e for e in entries}
+    for entry in entries:
+        if entry.encoding != "derived":
+            continue
+        where, name = f"tensor {entry.name!r}", entry.params["source"]
+        source = by_name.get(name)
+        _expect(source is not None, "R25", f"{where}: derived from {_short(name)}, which the file does not hold")
+        _expect(source.encoding != "derived", "R25",
+                f"{where}: derived from {name!r}, which is derived itself (sources are stored tensors)")
+        _expect(source.shape == entry.shape, "R25",
+                f"{where}: shape {list(entry.shape)}, but its source {name!r} has shape {list(source.shape)}")
 
 
 def _float_array(where: str, key: str, value: Any, count: int, param_dtype: str) -> np.ndarray:

@@ -111,6 +111,11 @@ class Policy:
             256, and 2^bits, each used 16 times on average: pruning masks, constants,
             already-quantized weights) exactly, as a k-means codebook of those values, when
             that rebuilds it bit for bit; False quantizes it like any other.
+        derive_masks: store a 0/1 mask (bool, integer or float; ``x.weight_mask``,
+            ``x.mask``) that equals ``(w != 0)`` of a same-shape tensor ``w`` of the file,
+            as ``w`` decodes, as derived from ``w`` (spec 3.5, format version 4): no payload,
+            rebuilt exactly when read. A mask that quantization breaks (a small kept weight
+            rounded to 0) is stored as ``exact_values`` says. False: never.
         rans: "auto" codes a tensor's indices with rANS when that saves at least 5 % over
             the best zstd form (skewed indices: trained, L1-regularised, pruned weights),
             "always" whenever it is smaller at all, "never" not at all (files load at
@@ -138,6 +143,7 @@ class Policy:
     prune: float | None = None
     exact_zero: bool = False
     exact_values: bool = True
+    derive_masks: bool = True
     rans: str = "auto"
     param_dtype: str = "auto"
     #: exact tensor names -> bits (what --target-bpw or --max-error chose); checked before the globs

@@ -35,8 +35,8 @@ from .format import (
     preamble_version,
 )
 
-__all__ = ["QpkReader", "decode_payload", "decode_indices", "check_indices", "dequantize_indices", "params_on",
-           "MaxBytes"]
+__all__ = ["QpkReader", "decode_payload", "decode_stored", "decode_indices", "check_indices", "dequantize_indices",
+           "params_on", "MaxBytes"]
 
 #: a reader's bound on decoded bytes (spec R23): "auto" for the spec's default (256x the file
 #: size, at least 16 MiB), a number of bytes, or None for no bound
@@ -174,7 +174,8 @@ class QpkReader:
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Decode one tensor (original dtype and shape) on ``device``.
 
-        Only stored bytes cross to an accelerator: a rANS payload too is decoded there.
+        Only stored bytes cross to an accelerator: a rANS payload too is decoded there. A
+        derived tensor (spec 3.5) decodes its source and rebuilds itself from it.
 
         Raises:
             FormatError: the payload breaks R18-R20.
@@ -182,6 +183,11 @@ class QpkReader:
         """
         device = torch.device(device)
         entry = self.entry(name)
+        if entry.encoding == "derived":  # no payload (its checksum still checked, R18): the source decoded
+            self._read_payload(name)
+            source = self.tensor(entry.params["source"], device)
+            with _allocation_failures_named(entry):
+                return codecs.derived.decode(source, dtype_from_name(entry.dtype), entry.params["rule"])
         with _allocation_failures_named(entry):
             if entry.compression == "rans":
                 # the decoded indices go straight to dequantization: packing them only to unpack
@@ -205,6 +211,9 @@ class QpkReader:
             OutOfMemoryError: an allocation failed.
         """
         entry = self.entry(name)
+        if entry.encoding == "derived":  # nothing to decode: its source is checked as itself
+            self._read_payload(name)
+            return
         if entry.compression == "rans" or decoded_bytes(entry) <= _CHECK_WHOLE_BYTES:
             self.tensor(name)
             return
@@ -333,6 +342,26 @@ def _rans_indices(entry: TensorEntry, stored: bytes, device: torch.device | None
         return torch.from_numpy(decoded)
     # 9..15-bit values fit int16 as they are; 16-bit ones need int32
     return torch.from_numpy(decoded.view(np.int16)) if entry.bits < 16 else torch.from_numpy(decoded.astype(np.int32))
+
+
+def decode_stored(entry: TensorEntry, stored: bytes | memoryview) -> torch.Tensor:
+    """The tensor an entry's stored payload (as the writer stores it: compressed, rANS-coded
+    or not) decodes to, on the CPU, without a file: what a reader will return for it. The
+    writer checks masks against it (codecs.derived)."""
+    if entry.encoding == "derived":
+        raise ValueError("a derived entry decodes from its source, not from a payload")
+    stored = bytes(stored)
+    if entry.compression == "rans":
+        indices = _rans_indices(entry, stored, None)
+        check_indices(entry, indices)
+        return dequantize_indices(entry, indices)
+    if entry.compression == "none":
+        payload = torch.frombuffer(bytearray(stored), dtype=torch.uint8) if stored else torch.empty(0, dtype=torch.uint8)
+    else:
+        payload = _zstd_decompress(entry, stored)
+        if entry.compression == "zstd_planes":
+            payload = codecs.raw.join_planes(payload, itemsize(entry.dtype))
+    return decode_payload(entry, payload)
 
 
 def _pack_indices(entry: TensorEntry, indices: torch.Tensor) -> torch.Tensor:

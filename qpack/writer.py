@@ -25,10 +25,12 @@ from .errors import FormatError, InputError, OutputExistsError
 from .format import (
     COMPACT_VERSION,
     DEFAULT_LIMITS,
+    DERIVED_VERSION,
     PREAMBLE_SIZE,
     VERSION,
     TensorEntry,
     align,
+    current_version_for,
     encode_header,
     fixed_bytes,
     metadata_problem,
@@ -53,9 +55,10 @@ class QpkWriter:
         overwrite: replace an existing file at ``path``; without it an existing file is an
             OutputExistsError, checked both up front and at the final rename.
         metadata: free-form string-to-string map stored in the header (R7's limits).
-        version: the format version to write: 3 (compact, compressed header), or 1 or 2
-            for readers of those (the entries must then be expressible in it; 2 only with
-            rANS payloads).
+        version: the format version to write. None (the default): 4 when an entry is
+            derived (spec 3.5), else 3 (compact, compressed header), so that version-3
+            readers read every file that does not need version 4. 1 or 2 for readers of
+            those (the entries must then be expressible in it; 2 only with rANS payloads).
 
     Raises:
         InputError: the output path is a folder or its folder is missing; a metadata entry
@@ -65,7 +68,7 @@ class QpkWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False,
-                 metadata: dict[str, str] | None = None, version: int = VERSION) -> None:
+                 metadata: dict[str, str] | None = None, version: int | None = None) -> None:
         self.path = Path(path)
         self.version = version
         self.overwrite = overwrite
@@ -119,7 +122,11 @@ class QpkWriter:
         """
         if self._spool.closed:
             raise ValueError("this QpkWriter is closed")
-        version = self.version
+        version = current_version_for(self.entries) if self.version is None else self.version
+        for entry in self.entries if version < DERIVED_VERSION else ():
+            if entry.encoding == "derived":
+                raise InputError(f"cannot write {self.path} as version {version}: tensor {entry.name!r} is derived "
+                                 f"from {entry.params.get('source')!r}, which needs version {DERIVED_VERSION}")
         for entry in self.entries if version < COMPACT_VERSION else ():
             if entry.param_dtype != "float32" or entry.compression == "zstd_planes":
                 raise InputError(f"cannot write {self.path} as version {version}: tensor {entry.name!r} uses "

@@ -276,10 +276,10 @@ def test_r1_short_file_and_bad_magic(tmp_path, sample_bytes):
 
 def test_r2_unsupported_version_is_named(tmp_path, sample_bytes):
     doc, payloads = split(sample_bytes)
-    for version in (0, 4, 0xFFFFFFFF):
+    for version in (0, 5, 0xFFFFFFFF):
         exc = rejects(tmp_path, assemble(doc, lay_out(doc, payloads), version=version), "R2",
                       UnsupportedVersionError)
-        assert f"version {version}" in str(exc) and "1, 2, 3" in str(exc)
+        assert f"version {version}" in str(exc) and "1, 2, 3, 4" in str(exc)
 
 
 def test_r3_reserved_field_must_be_zero(tmp_path, sample_bytes):
@@ -777,9 +777,9 @@ def sample3_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def split3(data: bytes) -> tuple[dict, list[bytes]]:
-    """(compact header document, stored payloads) of a valid version-3 file."""
+    """(compact header document, stored payloads) of a valid version-3 or -4 file."""
     _, version, header_length, _, raw_length = struct.unpack("<8sIIII", data[:PREAMBLE_SIZE])
-    assert version == 3
+    assert version in (3, 4)
     stored = data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length]
     header = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_length) if raw_length else stored
     doc = msgpack.unpackb(header, raw=False)
@@ -792,14 +792,16 @@ def split3(data: bytes) -> tuple[dict, list[bytes]]:
 
 
 def assemble3(doc: dict, payloads: list[bytes], *, compress: bool = True, raw_length: int | None = None,
-              stored: bytes | None = None, version: int = 3) -> bytes:
-    """A version-3 file: lengths and checksums filled in, the header zstd-compressed unless
-    ``compress`` is False; ``raw_length`` and ``stored`` replace the preamble's U and the
-    stored header bytes."""
+              stored: bytes | None = None, version: int = 3, keep_checksums: bool = False) -> bytes:
+    """A version-3 file: lengths and checksums filled in (checksums left as they are with
+    ``keep_checksums``), the header zstd-compressed unless ``compress`` is False;
+    ``raw_length`` and ``stored`` replace the preamble's U and the stored header bytes."""
     data = bytearray()
     for entry, payload in zip(doc["tensors"], payloads):
         data += bytes(align(len(data)) - len(data))
-        entry["length"], entry["crc32"] = len(payload), zlib.crc32(payload)
+        entry["length"] = len(payload)
+        if not keep_checksums:
+            entry["crc32"] = zlib.crc32(payload)
         data += payload
     header = msgpack.packb(doc, use_bin_type=True)
     if stored is None:

@@ -36,17 +36,21 @@ def test_vector_decodes_to_spec_values(name):
             if "payload_hex" in record:
                 assert reader.read_payload(key).numpy().tobytes().hex() == record["payload_hex"]
             if "rans_indices_packed_hex" in record:  # the spec's rANS decoding of the stored bytes
-                assert reader.entry(key).compression == "rans" and reader.version in (2, 3)
+                assert reader.entry(key).compression == "rans" and reader.version in (2, 3, 4)
                 assert reader.read_payload(key).numpy().tobytes().hex() == record["rans_indices_packed_hex"]
-            if "version" in record:  # version 3: what the spec's reading found in the header
+            if "version" in record:  # version 3 or 4: what the spec's reading found in the header
                 entry = reader.entry(key)
-                assert reader.version == record["version"] == 3
+                assert reader.version == record["version"] == (4 if name.startswith("v4_") else 3)
                 assert (entry.compression, entry.param_dtype) == (record["compression"], record["param_dtype"])
+            if record["encoding"] == "derived":  # version 4: no payload, rebuilt from its source
+                entry = reader.entry(key)
+                assert entry.encoding == "derived" and entry.length == 0
+                assert entry.params == {"source": record["source"], "rule": "nonzero"}
             if "params_hex" in record:  # the writer's min/max are the spec's outward rounding
                 assert {k: v.hex() for k, v in reader.entry(key).params.items()} == record["params_hex"]
 
 
-def test_vectors_cover_old_versions_and_every_version_3_feature():
+def test_vectors_cover_old_versions_and_every_version_3_and_4_feature():
     assert set(LEGACY) | set(CURRENT) == set(EXPECTED) and not set(LEGACY) & set(CURRENT)
     versions = set()
     for name in LEGACY:
@@ -54,10 +58,13 @@ def test_vectors_cover_old_versions_and_every_version_3_feature():
             versions.add(reader.version)
     assert versions == {1, 2}
     records = [r for name in CURRENT for r in EXPECTED[name]["tensors"].values()]
-    assert {r["compression"] for r in records} == {"none", "zstd_planes", "rans"}
+    assert {r["compression"] for r in records} >= {"none", "zstd_planes", "rans"}
     assert {r["param_dtype"] for r in records if r["encoding"] != "raw"} == {"float16", "float32", "uint8"}
     assert {r["encoding"] for r in records if r["param_dtype"] == "float16"} == {"uniform", "kmeans"}
     assert all(r["header_compressed"] for r in records)
+    derived = [r for r in records if r["encoding"] == "derived"]
+    assert {r["dtype"] for r in derived} == {"float32", "bool", "uint8"} and {r["version"] for r in derived} == {4}
+    assert {r["version"] for r in records} == {3, 4}
 
 
 @pytest.mark.parametrize("name", CURRENT)

@@ -6,11 +6,11 @@ pure functions; the format layer only sees the registry below.
 
 from __future__ import annotations
 
-from . import kmeans, raw, uniform
+from . import derived, kmeans, raw, uniform
 
-__all__ = ["CODECS", "QUANTIZERS", "raw", "uniform", "kmeans"]
+__all__ = ["CODECS", "QUANTIZERS", "raw", "uniform", "kmeans", "derived"]
 
 #: encoding name stored in the file -> codec module
-CODECS = {"raw": raw, "uniform": uniform, "kmeans": kmeans}
+CODECS = {"raw": raw, "uniform": uniform, "kmeans": kmeans, "derived": derived}
 #: the encodings that store bit-packed indices
 QUANTIZERS = {"uniform": uniform, "kmeans": kmeans}

@@ -3,17 +3,18 @@
 The expected values come from a second, independent reading of the spec: the preamble and
 header (version 3: zstd-compressed, compact entries with their defaults), the quantization
 rule (float16 parameters rounded outward), the reconstruction formulas, the bit order, rANS
-and byte planes are re-implemented here in plain numpy, msgpack and zstd (not with qpack's
+byte planes and derived masks are re-implemented here in plain numpy, msgpack and zstd (not with qpack's
 reader or codecs); the files themselves are written by qpack. tests/test_spec_vectors.py
 checks that qpack decodes each file to exactly these values and that the writer still
 produces the same bytes.
 
 The version-1 and version-2 vectors (``legacy_inputs``) were written by qpack before
 version 3 and are kept as they are: old files must read bit-exactly forever. This script
-never rewrites them or their expected values; it rewrites the version-3 vectors
-(``vector_inputs``).
+never rewrites them or their expected values; it rewrites the version-3 and -4 vectors
+(``vector_inputs``: ``v4_*`` hold derived masks, the others are version 3, as qpack writes
+every file without one).
 
-    python specs/vectors/make_vectors.py            # rewrite the version-3 vectors
+    python specs/vectors/make_vectors.py            # rewrite the version-3 and -4 vectors
 """
 
 from __future__ import annotations
@@ -32,11 +33,27 @@ import zstandard
 HERE = Path(__file__).resolve().parent
 
 
+def v4_masks() -> dict[str, torch.Tensor]:
+    """Version 4 (spec 3.5): pruned weights and their masks (float32, bool, uint8)."""
+    gen = torch.Generator().manual_seed(13)
+    fc = torch.randn(8, 40, generator=gen)
+    fc[fc.abs() < 1.2] = 0  # Deep Compression: the weight already pruned, its mask beside it
+    fc[0, :3] = -0.0  # zero for the rule: the masks are 0 there
+    emb = torch.randn(16, 6, generator=gen).half()
+    emb[emb.abs() < 0.5] = -0.0
+    return {"fc.weight": fc, "fc.weight_mask": (fc != 0).float(), "fc.flags": fc != 0,
+            "fc.bias": torch.randn(8, generator=gen),
+            "emb.mask": (emb != 0).to(torch.uint8), "emb.weight": emb}  # a raw source, after its mask
+
+
 def vector_inputs() -> dict[str, dict]:
-    """Version 3: name -> (state dict, pack options). Everything is deterministic."""
+    """Versions 3 and 4: name -> (state dict, pack options). Everything is deterministic."""
     torch.manual_seed(11)  # the Laplace samples
     gen = torch.Generator().manual_seed(11)
     return {
+        # derived masks (3.5), from a k-means source with an exact 0 and from a raw one
+        "v4_derived_masks": (v4_masks(), {"bits": 5, "method": "kmeans", "exact_zero": True, "min_numel": 1,
+                                          "exclude": ["emb.*"]}),
         # compact entries only: the header is too small for zstd to pay (U = 0)
         "v3_raw_tiny": ({"b": torch.tensor([0.5, -1.25, 3.0])}, {}),
         # raw tensors: BatchNorm-like statistics compress best as byte planes (2.2)
@@ -277,11 +294,27 @@ def _decompressed(entry: dict, stored: bytes) -> bytes:
     return raw
 
 
+def spec_derive(entry: dict, source: dict) -> bytes:
+    """Section 3.5, rule "nonzero": 1 where the decoded source is not equal to 0 (IEEE: -0.0
+    is 0, NaN is not), else 0, in the entry's dtype; from the source's expected bytes."""
+    assert entry["params"]["rule"] == "nonzero" and source["encoding"] != "derived"
+    assert list(entry["shape"]) == source["shape"]
+    raw = bytes.fromhex(source["value_bytes_hex"])
+    kind = getattr(torch, source["dtype"])
+    values = torch.frombuffer(bytearray(raw), dtype=kind) if raw else torch.empty(0, dtype=kind)
+    ones = (values.to(torch.float64) != 0).numpy()
+    target = getattr(torch, entry["dtype"])
+    return torch.from_numpy(ones).to(target).contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def expected_for(name: str, state: dict, path: Path) -> dict:
     version, compressed_header, entries, payloads = spec_read(path)
     out = {}
     for (key, tensor), entry, stored in zip(state.items(), entries, payloads):
         assert entry["name"] == key
+        if entry["encoding"] == "derived":  # below, once every source is decoded
+            out[key] = None
+            continue
         shape, numel = entry["shape"], int(np.prod(entry["shape"]))
         record = {"dtype": entry["dtype"], "shape": list(shape), "encoding": entry["encoding"]}
         if version >= 3:
@@ -318,6 +351,15 @@ def expected_for(name: str, state: dict, path: Path) -> dict:
             record["codebook"] = book.tolist()
             record["value_bytes_hex"] = torch.from_numpy(values.reshape(shape).astype(np.float32)).to(tensor.dtype).view(torch.uint8).numpy().tobytes().hex()
         out[key] = record
+    for (key, tensor), entry in zip(state.items(), entries):
+        if entry["encoding"] == "derived":
+            values = spec_derive(entry, out[entry["params"]["source"]])
+            ours = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+            assert values == ours, f"{name}/{key}: the spec's derivation is not the mask"
+            out[key] = {"dtype": entry["dtype"], "shape": list(entry["shape"]), "encoding": "derived",
+                        "version": version, "header_compressed": compressed_header, "compression": "none",
+                        "param_dtype": "float32", "source": entry["params"]["source"],
+                        "value_bytes_hex": values.hex()}
     return out
 
 
@@ -332,7 +374,7 @@ def main() -> int:
         qpack.pack(state, path, force=True, **options)
         expected[name] = {"options": options, "tensors": expected_for(name, state, path)}
     (HERE / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
-    print(f"wrote {len(vector_inputs())} version-3 vectors to {HERE}, kept {len(legacy_inputs())} older ones")
+    print(f"wrote {len(vector_inputs())} version-3 and -4 vectors to {HERE}, kept {len(legacy_inputs())} older ones")
     return 0
 
 

@@ -1,12 +1,20 @@
-"""What the masks of a pruned LeNet-300-100 cost in a .qpk, with and without exact codebooks.
+"""What the masks of a pruned LeNet-300-100 cost in a .qpk: no exact path, exact codebooks, derived masks.
 
 The network (784-300-100-10) is trained briefly on MNIST when ../shared holds it (else left
-at its initial weights: the masks' statistics are the same), pruned with
-``torch.nn.utils.prune.l1_unstructured`` (90 % of each weight), and its state dict
-(``weight_orig``, ``weight_mask``, ``bias``) packed at ``-b 8`` (``--bits``). "before" switches the exact
-path off (``exact_values=False``, the code as it was); "after" is the code as it
-is. For each mask: its bytes in the file, bits per element, whether it comes back bit for
-bit, and n·H (its elements' empirical entropy, the least an order-0 coder can spend).
+at its initial weights: the masks' statistics are the same) and pruned with
+``torch.nn.utils.prune.l1_unstructured`` (90 % of each weight). Two checkpoints of it:
+
+- "torch prune": its state dict as torch.nn.utils.prune leaves it (``weight_orig`` with the
+  pruned values still in it, ``weight_mask``, ``bias``);
+- "deep compression": as Deep Compression reproductions save it, ``weight`` already masked
+  and a ``mask`` buffer (float32) beside it, equal to ``weight != 0``.
+
+Each is packed at ``-b 8`` (``--bits``) three ways: "plain" (``exact_values=False,
+derive_masks=False``: the code before exact codebooks), "codebook" (``derive_masks=False``:
+masks as 1-bit exact codebooks, rANS-coded, the code before version 4) and "derived" (the
+code as it is: masks derived from their weight, spec 3.5, where exact). For each mask: its
+bytes in the file, bits per element, whether it comes back bit for bit, and n·H (its
+elements' empirical entropy, the least an order-0 coder can spend).
 
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_masks.py [--amount 0.9] [--bits 8] [--json out.json]
 """
@@ -27,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import qpack  # noqa: E402
 
 MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
+CONFIGS = {"plain": {"exact_values": False, "derive_masks": False}, "codebook": {"derive_masks": False},
+           "derived": {}}
 
 
 def lenet_300_100(amount: float, train_steps: int) -> tuple[dict[str, torch.Tensor], str]:
@@ -52,6 +62,24 @@ def lenet_300_100(amount: float, train_steps: int) -> tuple[dict[str, torch.Tens
     return {k: v.detach().clone() for k, v in net.state_dict().items()}, how
 
 
+def deep_compression(pruned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same network as a Deep Compression reproduction saves it: masked weights, masks beside."""
+    out = {}
+    for name, tensor in pruned.items():
+        if name.endswith(".weight_orig"):
+            module = name.removesuffix(".weight_orig")
+            mask = pruned[f"{module}.weight_mask"]
+            out[f"{module}.weight"] = tensor * mask
+            out[f"{module}.mask"] = mask.clone()
+        elif not name.endswith(".weight_mask"):
+            out[name] = tensor
+    return out
+
+
+def is_mask_name(name: str) -> bool:
+    return name.endswith("_mask") or name.endswith(".mask")
+
+
 def entropy_bytes(mask: torch.Tensor) -> float:
     p = float(mask.mean())
     if p in (0.0, 1.0):
@@ -61,11 +89,11 @@ def entropy_bytes(mask: torch.Tensor) -> float:
 
 def measure(state: dict[str, torch.Tensor], folder: Path, label: str, bits: int) -> dict:
     path = folder / f"{label}.qpk"
-    report = qpack.pack(state, path, bits=bits, force=True, exact_values=label == "after")
+    report = qpack.pack(state, path, bits=bits, force=True, **CONFIGS[label])
     back = qpack.load(path)
     rows = {}
     for row in report.tensors:
-        if row.name.endswith("_mask"):
+        if is_mask_name(row.name):
             mask = state[row.name]
             rows[row.name] = {"numel": mask.numel(), "bytes": row.stored_bytes, "encoding": row.encoding,
                               "bits": row.bits, "storage": row.storage,
@@ -73,7 +101,10 @@ def measure(state: dict[str, torch.Tensor], folder: Path, label: str, bits: int)
                               "exact": bool(torch.equal(back[row.name], mask)),
                               "entropy_bytes": round(entropy_bytes(mask), 1)}
     masks = sum(r["bytes"] for r in rows.values())
-    return {"file_bytes": report.file_bytes, "mask_bytes": masks, "masks": rows}
+    with qpack.QpkReader(path) as reader:
+        version = reader.version
+    return {"file_bytes": report.file_bytes, "mask_bytes": masks, "version": version, "masks": rows,
+            "all_exact": all(r["exact"] for r in rows.values())}
 
 
 def main() -> int:
@@ -84,24 +115,28 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    state, how = lenet_300_100(args.amount, args.train_steps)
-    results = {"network": "LeNet-300-100, l1_unstructured " + f"{args.amount:.0%}", "weights": how, "bits": args.bits}
-    with tempfile.TemporaryDirectory() as folder:
-        results["before"] = measure(state, Path(folder), "before", args.bits)
-        results["after"] = measure(state, Path(folder), "after", args.bits)
+    pruned, how = lenet_300_100(args.amount, args.train_steps)
+    checkpoints = {"torch prune": pruned, "deep compression": deep_compression(pruned)}
+    results = {"network": "LeNet-300-100, l1_unstructured " + f"{args.amount:.0%}", "weights": how,
+               "bits": args.bits, "checkpoints": {}}
     print(f"{results['network']}; {how}; packed at -b {args.bits}")
-    print(f"{'mask':<14} {'numel':>7} {'n*H':>8} | {'before':>7} {'b/el':>5} {'exact':>5} | "
-          f"{'after':>7} {'b/el':>5} {'exact':>5}  encoding after")
-    for name, before in results["before"]["masks"].items():
-        after = results["after"]["masks"][name]
-        print(f"{name:<14} {before['numel']:>7} {before['entropy_bytes']:>8.0f} | {before['bytes']:>7} "
-              f"{before['bits_per_element']:>5.3f} {str(before['exact']):>5} | {after['bytes']:>7} "
-              f"{after['bits_per_element']:>5.3f} {str(after['exact']):>5}  {after['encoding']} "
-              f"{after['bits']}-bit {after['storage']}")
-    for label in ("before", "after"):
-        r = results[label]
-        print(f"{label}: file {r['file_bytes']:,} bytes, masks {r['mask_bytes']:,} "
-              f"({r['mask_bytes'] / r['file_bytes']:.0%} of the file)")
+    with tempfile.TemporaryDirectory() as folder:
+        for title, state in checkpoints.items():
+            runs = {label: measure(state, Path(folder), label, args.bits) for label in CONFIGS}
+            results["checkpoints"][title] = runs
+            print(f"\n{title}: {', '.join(state)}")
+            print(f"{'mask':<14} {'numel':>7} {'n*H':>7} | " + " | ".join(f"{label:>17}" for label in CONFIGS)
+                  + "  encoding (derived run)")
+            for name, first in runs["plain"]["masks"].items():
+                cells = [f"{runs[label]['masks'][name]['bytes']:>7} {runs[label]['masks'][name]['bits_per_element']:>5.3f} "
+                         f"{'ok' if runs[label]['masks'][name]['exact'] else 'LOST':>3}" for label in CONFIGS]
+                last = runs["derived"]["masks"][name]
+                print(f"{name:<14} {first['numel']:>7} {first['entropy_bytes']:>7.0f} | " + " | ".join(cells)
+                      + f"  {last['encoding']} {last['storage']}")
+            for label, r in runs.items():
+                print(f"  {label:<9} file {r['file_bytes']:>7,} bytes (version {r['version']}), masks "
+                      f"{r['mask_bytes']:>6,} ({r['mask_bytes'] / r['file_bytes']:.0%} of the file), "
+                      f"all exact: {r['all_exact']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -149,6 +149,13 @@ def seed_files(folder: Path) -> list[bytes]:
              "mask": torch.rand(3, 3, generator=gen) > 0.5, "zeros": torch.zeros(300)}
     choices = [{"bits": 3, "min_numel": 8}, {"bits": 7, "granularity": "channel", "min_numel": 8},
                {"bits": 2, "method": "kmeans", "min_numel": 8, "bias_bits": 4}]
+    # version 4: masks beside an already-pruned weight, stored as derived from it (spec 3.5)
+    weight = torch.randn(12, 16, generator=gen)
+    weight[weight.abs() < 1.0] = 0
+    masked = {"fc.weight": weight, "fc.weight_mask": (weight != 0).float(), "fc.flags": weight != 0,
+              "fc.bias": torch.randn(12, generator=gen)}
+    qpack.pack(masked, folder / "seed-v4.qpk", bits=6, force=True)
+    seeds.append((folder / "seed-v4.qpk").read_bytes())
     for i, options in enumerate(choices):
         try:
             qpack.pack(state, folder / f"seed{i}.qpk", force=True, **options)
@@ -257,11 +264,47 @@ def run_random(run: Run, seeds: list[bytes], seconds: float, seed: int) -> None:
 # -- header-field mutations in classes, with the layout and every checksum repaired -----------------
 
 
+#: version 3 and later (spec 2.4): the keys a compact entry leaves out at these values
+_COMPACT_DEFAULTS = {"encoding": "raw", "bits": 0, "granularity": "tensor", "group_size": 0,
+                     "param_dtype": "float32", "params": {}, "compression": "none", "stats": {}}
+
+
 def take_apart(data: bytes) -> tuple[int, dict, list[bytes]]:
-    _, version, length, _, _ = PREAMBLE.unpack_from(data)
-    doc = msgpack.unpackb(data[PREAMBLE.size: PREAMBLE.size + length], raw=False)
+    """(version, header document with every entry in full form, payloads); a version-3 or -4
+    header is decompressed and its compact entries given their defaults, offsets and raw
+    lengths, so that the classes edit one form."""
+    _, version, length, _, field = PREAMBLE.unpack_from(data)
+    header = data[PREAMBLE.size: PREAMBLE.size + length]
+    if version >= 3 and field:
+        import zstandard
+
+        header = zstandard.ZstdDecompressor().decompress(header, max_output_size=field)
+    doc = msgpack.unpackb(header, raw=False)
     start = -(-(PREAMBLE.size + length) // 64) * 64
+    if version >= 3:
+        from qpack.format import expected_raw_length
+
+        end = 0
+        for i, entry in enumerate(doc["tensors"]):
+            full = {**_COMPACT_DEFAULTS, "width": entry.get("bits", 0), **entry}
+            full["offset"] = -(-end // 64) * 64
+            full["raw_length"] = expected_raw_length(full["dtype"], tuple(full["shape"]), full["encoding"], full["width"])
+            end = full["offset"] + full["length"]
+            doc["tensors"][i] = full
     return version, doc, [data[start + t["offset"]: start + t["offset"] + t["length"]] for t in doc["tensors"]]
+
+
+def _compact(entry: object) -> object:
+    """A full entry in version 3's form: offset and raw_length dropped, defaults left out."""
+    if not isinstance(entry, dict):
+        return entry
+    out = {}
+    for key, value in entry.items():
+        default = entry.get("bits") if key == "width" else _COMPACT_DEFAULTS.get(key, object())
+        if key in ("offset", "raw_length") or (type(value) is type(default) and value == default):
+            continue
+        out[key] = value
+    return out
 
 
 def put_together(version: int, doc: dict, payloads: list[bytes], *, relayout: bool = True,
@@ -274,6 +317,9 @@ def put_together(version: int, doc: dict, payloads: list[bytes], *, relayout: bo
         if relayout and isinstance(entry, dict):
             entry["offset"], entry["length"], entry["crc32"] = len(body), len(payload), zlib.crc32(payload)
         body += payload
+    if header is None and version >= 3 and isinstance(doc, dict) and isinstance(doc.get("tensors"), list):
+        doc = {**doc, "tensors": [_compact(e) for e in doc["tensors"]]}
+        reserved = 0  # the header stored as it is (U = 0)
     header = msgpack.packb(doc, use_bin_type=True) if header is None else header
     head = PREAMBLE.pack(magic, version, len(header), zlib.crc32(header), reserved) + header
     return head + bytes(-len(head) % 64) + bytes(body)
@@ -467,6 +513,48 @@ def _mutate_class(kind: str, rng: random.Random, doc: dict, payloads: list[bytes
             entry[rng.choice(sorted(entry))] = None
         else:
             entry.pop(rng.choice(sorted(entry)))
+    elif kind == "derived-fields":  # an entry made derived, one of its fields then changed (R12, R24)
+        entry.update(encoding="derived", bits=0, width=0, granularity="tensor", group_size=0, compression="none",
+                     params={"source": tensors[rng.randrange(len(tensors))]["name"], "rule": "nonzero"})
+        payloads[i] = b""
+        field = rng.randrange(7)
+        if field == 0:
+            entry["params"]["rule"] = rng.choice(["", "zero", "nonzero ", 1, None])
+        elif field == 1:
+            entry["params"]["source"] = rng.choice(["", "n" * 1025, 7, b"w", None, "\udcff"])
+        elif field == 2:
+            entry["params"] = rng.choice([{}, {"source": "x"}, {"source": "x", "rule": "nonzero", "k": 1}, []])
+        elif field == 3:
+            entry[rng.choice(["bits", "width", "group_size"])] = rng.choice([1, 8, 16])
+        elif field == 4:
+            entry["compression"] = rng.choice(["zstd", "rans", "zstd_planes"])
+        elif field == 5:
+            payloads[i] = rng.randbytes(rng.randrange(1, 9))
+        else:
+            entry["param_dtype"] = "float16"
+    elif kind == "derived-source":  # a derived entry whose source is the right one or not (R25)
+        names = [t["name"] for t in tensors if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        others = [t for t in tensors if t is not entry and t.get("encoding") != "derived"]
+        source = rng.choice(others) if others else entry
+        entry.update(encoding="derived", bits=0, width=0, granularity="tensor", group_size=0, compression="none",
+                     param_dtype="float32", params={"source": source["name"], "rule": "nonzero"})
+        payloads[i] = b""
+        choice = rng.randrange(5)
+        if choice == 0:
+            entry["shape"] = list(source["shape"])  # valid
+            entry["dtype"] = rng.choice(DTYPES)
+        elif choice == 1:
+            entry["params"]["source"] = entry["name"]  # itself
+        elif choice == 2:
+            entry["params"]["source"] = "no such tensor" if "no such tensor" not in names else "x"
+        elif choice == 3:
+            entry["shape"] = list(source["shape"]) + [1]
+        elif others:  # a chain: the source made derived too
+            other = rng.choice([t for t in tensors if t is not entry])
+            other.update(encoding="derived", bits=0, width=0, granularity="tensor", group_size=0,
+                         compression="none", param_dtype="float32",
+                         params={"source": entry["name"], "rule": "nonzero"}, shape=list(entry["shape"]))
+            payloads[tensors.index(other)] = b""
     elif kind == "booleans":
         key = rng.choice(["bits", "width", "group_size", "crc32", "offset", "length", "raw_length"])
         entry[key] = bool(entry[key]) if isinstance(entry[key], int) else True
@@ -490,31 +578,39 @@ def _indices(entry: dict, payload: bytes):
 CLASSES = ["dtype", "shape-same-numel", "shape-other-numel", "shape-huge", "bits", "width", "encoding",
            "granularity", "group-size", "params", "codebook", "raw-length", "compression", "zstd-frame",
            "zstd-bomb", "rans-table", "unused-bits", "index-past-limit", "stats", "name", "metadata", "keys",
-           "booleans", "version", "no-relayout", "non-canonical", "several"]
+           "booleans", "derived-fields", "derived-source", "version", "no-relayout", "non-canonical", "several"]
 
 
 def structured(rng: random.Random, seed: bytes) -> tuple[str, bytes]:
     """(class, file): one header-field mutation of a valid file, laid out and checksummed again."""
-    while True:
+    for _ in range(100):
         try:
             return _structured(rng, seed)
-        except (OverflowError, ValueError, TypeError):  # e.g. a value msgpack cannot encode: another draw
+        except (OverflowError, ValueError, TypeError, KeyError):  # e.g. a value msgpack cannot encode: another draw
             continue
+    return "bytes", mutate(rng, seed)  # a seed this cannot take apart (it used to loop here forever)
 
 
 def _structured(rng: random.Random, seed: bytes) -> tuple[str, bytes]:
     kind = rng.choice(CLASSES)
     version, doc, payloads = take_apart(seed)
     if kind == "version":
-        return kind, put_together(rng.choice([0, 1, 2, 3]), doc, payloads)
+        return kind, put_together(rng.choice([0, 1, 2, 3, 4, 5]), doc, payloads)
     if kind == "non-canonical":  # the same values in other msgpack forms: must read the same
         from test_spec_points import _wide
 
+        if version >= 3:  # compact entries, the header stored as it is
+            doc = {**doc, "tensors": [_compact(e) for e in doc["tensors"]]}
         return kind, put_together(version, doc, payloads, relayout=False, header=_wide(doc))
-    kinds = [rng.choice(CLASSES[:23]) for _ in range(rng.randrange(2, 5))] if kind == "several" else [kind]
+    kinds = [rng.choice(CLASSES[:25]) for _ in range(rng.randrange(2, 5))] if kind == "several" else [kind]
     for one in kinds:
         _mutate_class("dtype" if one == "no-relayout" else one, rng, doc, payloads)
-    if any(e["compression"] == "rans" for e in doc["tensors"] if isinstance(e, dict) and "compression" in e):
+    tensors = [e for e in doc["tensors"] if isinstance(e, dict)]
+    if any(e.get("encoding") == "derived" for e in tensors) and rng.random() < 0.9:
+        version = 4
+    elif version >= 3:
+        version = 3 if rng.random() < 0.9 else version
+    elif any(e.get("compression") == "rans" for e in tensors):
         version = 2
     elif version == 2 and rng.random() < 0.8:
         version = 1
