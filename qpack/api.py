@@ -22,7 +22,7 @@ from .dtypes import itemsize
 from .encoder import TensorReport, encode_tensor, error_energy, snr_db, storage_of
 from .errors import InputError
 from .format import MAGIC, TensorEntry, default_max_bytes, param_values
-from .parallel import default_workers, ordered_map, pipelined_map, torch_threads
+from .parallel import default_workers, ordered_map, torch_threads
 from .policy import Policy, normalized_outputs
 from .reader import MaxBytes, QpkReader
 from .sources import open_source
@@ -328,9 +328,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
     Args:
         path: the .qpk file.
         device: where the tensors are built ("cpu", "cuda", "cuda:1", ...).
-        threads: decoding threads (default: one per two cores, at most 8). With one (the
-            default on 2-3 cores) a helper thread reads, checksums and decompresses the next
-            tensors while the calling thread dequantizes: two threads in all.
+        threads: decoding threads (default: one per two cores, at most 8).
         progress: called after each tensor with (name, done, total).
         max_bytes: the most bytes the tensors may take in all (spec R23): "auto" for 256
             times the file's size, at least 16 MiB; a number; None for no bound.
@@ -353,11 +351,8 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
     with QpkReader(path, max_bytes=max_bytes) as reader:
         names = reader.keys()
         structure = reader.metadata.get(STRUCTURE_KEY) if nested else None
-        workers = min(threads or default_workers(), len(names))
-        if workers > 1:
-            decoded = ordered_map(lambda n: reader.tensor(n, device), names, workers)
-        else:  # one helper thread decompresses ahead; this one dequantizes (qpack.parallel)
-            decoded = pipelined_map(lambda n: reader.fetch(n, device), lambda n, f: reader.build(n, f, device), names)
+        decoded = ordered_map(lambda n: reader.tensor(n, device), names,
+                              min(threads or default_workers(), len(names)))
         state = _collect(names, decoded, progress)
     return state if structure is None else rebuild(structure, state, source=str(path))
 

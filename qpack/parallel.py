@@ -19,19 +19,22 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["default_workers", "torch_threads", "ordered_map", "pipelined_map"]
+__all__ = ["default_workers", "torch_threads", "ordered_map"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-M = TypeVar("M")
 
 
 def default_workers(limit: int = 8) -> int:
     """Worker threads to use: one per two cores, at most ``limit``.
 
     Measured: on 2 cores one worker loads and packs faster than two, which contend (a
-    100M-parameter 8-bit load took 0.22 s against 0.43 s); on a 16-core host 8 workers load
-    as fast as torch.load.
+    100M-parameter 8-bit load took 0.22 s against 0.43 s; measured again on 25 M parameters,
+    two took 1.5-2x one's time, and each of their loads faulted in ~14,000 fresh pages, as
+    outputs allocated on a worker come from its malloc arena, which hands freed pages back,
+    where the calling thread's keeps them; a helper thread decompressing ahead of the caller
+    did not pay either while another job held a core); on a 16-core host 8 workers load as
+    fast as torch.load.
     """
     return max(1, min(limit, (os.cpu_count() or 1) // 2))
 
@@ -67,38 +70,3 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-def pipelined_map(first: Callable[[T], M], second: Callable[[T, M], R], items: Iterable[T],
-                  ahead: int = 2) -> Iterator[R]:
-    """``second(item, first(item))`` for each item, in order: ``first`` on one helper thread,
-    up to ``ahead`` items before the one ``second`` works on, and ``second`` on the caller's.
-
-    For two cores: the helper decompresses the next tensors while the caller dequantizes
-    this one. Whole tensors on two worker threads were slower (measured 2x on the 2-core
-    machine): outputs allocated on a worker come from its own malloc arena, which returns
-    their pages to the kernel when they are freed, so every load faulted them in again
-    (about 14,000 page faults for 100 MB), while the caller's arena keeps them.
-    """
-    with torch_threads(1), ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque[tuple[T, Future[M]]] = deque()
-        source = iter(items)
-        for item in source:
-            pending.append((item, pool.submit(first, item)))
-            if len(pending) >= ahead:
-                break
-        while pending:
-            item, future = pending.popleft()
-            following = next(source, _END)
-            if following is not _END:
-                pending.append((following, pool.submit(first, following)))
-            try:
-                value = future.result()
-            except BaseException:
-                for _, later in pending:
-                    later.cancel()
-                raise
-            yield second(item, value)
-
-
-_END: object = object()

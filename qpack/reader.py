@@ -18,12 +18,12 @@ from .bitpack import pack_bits, unpack_bits
 from .dtypes import dtype_from_name, itemsize
 from .errors import ChecksumError, FormatError, InputError, OutOfMemoryError, QpkError
 from .format import (
-    crc32,
     DEFAULT_LIMITS,
     PREAMBLE_SIZE,
     Limits,
     TensorEntry,
     align,
+    crc32,
     decoded_bytes,
     decoded_size_problem,
     default_max_bytes,
@@ -181,42 +181,16 @@ class QpkReader:
             OutOfMemoryError: an allocation failed; the message names the tensor and the bytes.
         """
         device = torch.device(device)
-        return self.build(name, self.fetch(name, device), device)
-
-    def fetch(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The first half of :meth:`tensor`: read, checksum and decompress one payload (or
-        decode its rANS indices); :meth:`build` does the rest. The halves may run on two
-        threads, so that one tensor is decompressed while the one before is dequantized.
-
-        Raises:
-            FormatError: the payload breaks R18 or R19.
-            OutOfMemoryError: an allocation failed.
-        """
-        device = torch.device(device)
         entry = self.entry(name)
         with _allocation_failures_named(entry):
             if entry.compression == "rans":
                 # the decoded indices go straight to dequantization: packing them only to unpack
                 # them again took more time than the decoding
-                return _rans_indices(entry, self._read_stored(entry), None if device.type == "cpu" else device)
+                indices = _rans_indices(entry, self._read_stored(entry), None if device.type == "cpu" else device)
+                check_indices(entry, indices)
+                return dequantize_indices(entry, indices, device)
             # only raw tensors can be views of their payload; the other decoders build new tensors
-            return self._read_payload(name, writable=entry.encoding == "raw")
-
-    def build(self, name: str, fetched: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The second half of :meth:`tensor`: the tensor from what :meth:`fetch` returned
-        (unpacking, the R20 checks, dequantization).
-
-        Raises:
-            FormatError: the payload breaks R20.
-            OutOfMemoryError: an allocation failed.
-        """
-        device = torch.device(device)
-        entry = self.entry(name)
-        with _allocation_failures_named(entry):
-            if entry.compression == "rans":
-                check_indices(entry, fetched)
-                return dequantize_indices(entry, fetched, device)
-            return decode_payload(entry, fetched, device)
+            return decode_payload(entry, self._read_payload(name, writable=entry.encoding == "raw"), device)
 
     def check(self, name: str) -> None:
         """Check one tensor's payload as decoding it would (R18-R20), without keeping it.

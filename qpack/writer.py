@@ -22,13 +22,13 @@ from typing import BinaryIO
 
 from .errors import FormatError, InputError, OutputExistsError
 from .format import (
-    crc32,
     COMPACT_VERSION,
     DEFAULT_LIMITS,
     PREAMBLE_SIZE,
     VERSION,
     TensorEntry,
     align,
+    crc32,
     encode_header,
     fixed_bytes,
     metadata_problem,
