@@ -99,9 +99,11 @@ PREDICT = True
 #: payload bytes of the chosen candidates' encodings kept for the pack to write as they are
 #: (beyond this, the pack encodes them again)
 KEEP_BYTES = 1 << 28
-#: rounds of encoding the chosen candidates and solving again before every candidate of the
-#: tensors still unconfirmed is encoded (the plan is then exhaustive there)
+#: rounds of encoding the chosen candidates and solving again before the plan is made from the
+#: encoded candidates alone (or, if they admit none, every candidate is encoded)
 _CONFIRM_ROUNDS = 8
+#: then each tensor's candidates within this share of its chosen one's size are encoded
+_NEAR_SIZE = 0.15
 
 
 class Choice(NamedTuple):
@@ -181,6 +183,16 @@ class _Measured:
                     row[j] = trial
             self.confirmed += 1
         return True
+
+    def confirm_near(self, columns: Mapping[str, int], share: float) -> None:
+        """Encode, in each tensor, the predicted columns within ``share`` of the size of the one
+        ``columns`` gives it."""
+        near: dict[str, list[int]] = {}
+        for name, column in columns.items():
+            size = self.trials[name][column].size
+            near[name] = [j for j, t in enumerate(self.trials[name]) if not t.exact and abs(t.size - size) <= share * size]
+        for k in range(max(map(len, near.values()), default=0)):  # confirm takes a column per tensor
+            self.confirm({name: js[k] for name, js in near.items() if k < len(js)})
 
     def confirm_all(self) -> None:
         """Encode every predicted column (the exhaustive search, for the tensors predicted)."""
@@ -491,18 +503,24 @@ def _trials(name: str, tensor: torch.Tensor, decision: Decision,
 def _predictable(tensor: torch.Tensor, decision: Decision, candidates: tuple[tuple[str, str], ...]) -> bool:
     """Whether :mod:`qpack.estimate` models this tensor's candidates: grids and codebooks
     fitted to the values as they are (no pruning, no forced zero level), rANS allowed, and
-    k-means only per tensor; finite values; and not so many values near 0 that the encoder
-    gives its grids an exact 0 level even at 5 bits (``codecs.uniform.ZERO_HEAVY``: sparse or
-    L1-trained weights; the estimate does not model that grid). Dense weights may get one at
-    2-4 bits, where the estimate then over-predicts the error; a chosen candidate is
+    k-means only per tensor; and finite values. (Uniform grids the encoder may give an exact
+    0 level are encoded in full column by column: see :func:`_zero_heavy_grids`.)"""
+    return not (decision.prune or decision.exact_zero or decision.rans == "never"
+                or any(method == "kmeans" and text != "tensor" for method, text in candidates)
+                or not bool(torch.isfinite(tensor.amin()) and torch.isfinite(tensor.amax())))
+
+
+def _zero_heavy_grids(tensor: torch.Tensor, rows: int, group_size: int) -> bool:
+    """Whether so many values lie near 0 that the encoder gives this granularity's uniform grids
+    an exact 0 level even at 5 bits (``codecs.uniform.ZERO_HEAVY``: sparse or L1-trained
+    weights, or rows of very different scales under one grid). The estimate does not model
+    such grids (each row's grid shifts by its own fraction of a step, which one histogram of
+    all rows cannot follow), so their columns are encoded in full; k-means columns, which
+    the rule does not touch, are predicted still. Dense weights may pass the test at 2-4
+    bits only, where the estimate then over-predicts the error; a chosen candidate is
     confirmed by a full encode."""
-    if (decision.prune or decision.exact_zero or decision.rans == "never"
-            or any(method == "kmeans" and text != "tensor" for method, text in candidates)
-            or not bool(torch.isfinite(tensor.amin()) and torch.isfinite(tensor.amax()))):
-        return False
-    flat = tensor.reshape(1, -1)
-    whole = {"min": flat.amin(dim=1).to(torch.float32), "max": flat.amax(dim=1).to(torch.float32)}
-    return not uniform.zero_heavy(tensor, whole, 5, 1, None)
+    params = uniform.choose_params(tensor, 5, rows, group_size or None)
+    return uniform.zero_heavy(tensor, params, 5, rows, group_size or None)
 
 
 def _predicted(name: str, tensor: torch.Tensor, decision: Decision,
@@ -518,8 +536,18 @@ def _predicted(name: str, tensor: torch.Tensor, decision: Decision,
     for setting in dict.fromkeys(columns):
         groups.setdefault((setting[0], setting[3], setting[4]), []).append(setting)
     measured: dict[tuple[str, int, bool], estimate.Statistics | None] = {}  # one histogram per granularity
+    distinct: int | None | bool = False  # count_distinct's, once, if a column is encoded
     for (method, kind, group_size), settings in groups.items():
         rows = parameter_rows(shape, kind, group_size)
+        if method == "uniform" and _zero_heavy_grids(tensor, rows, group_size):
+            if distinct is False:
+                distinct = count_distinct(tensor) if numel <= UNIQUE_LIMIT else None
+            for setting in settings:
+                done = _encoded(name, tensor, decision, setting, distinct)
+                if done is None:
+                    return None
+                found[setting] = done
+            continue
         limit = estimate.KMEANS_EXACT_LIMIT if method == "kmeans" else estimate.EXACT_LIMIT
         exact = numel <= limit
         if (kind, group_size, exact) not in measured:
@@ -639,12 +667,27 @@ def _confirmed(measured: _Measured, floor: float | None,
     really cost (and, for the floor, their real SNR). Rounds solve quickly (``thorough`` False:
     fewer starts) until nothing is left to confirm; the answer is always a thorough solve's. Where it finds no solution, each tensor's
     allowed column of least field ``limited`` is encoded and it tries again, so that no
-    limit is refused on a prediction. After ``_CONFIRM_ROUNDS`` rounds every column of the
-    tensors still unconfirmed is encoded. Returns the columns (None: no solution) and the
-    floor's mask they were solved with."""
+    limit is refused on a prediction. After ``_CONFIRM_ROUNDS`` rounds it solves once among the
+    encoded columns alone; where that gives no all-encoded answer, every column of the tensors
+    still unconfirmed is encoded. Returns the columns (None: no solution) and the mask they
+    were solved with."""
     thorough = measured.settled  # nothing predicted, or the last call's answer was all confirmed: full solves
+    last: _Columns | None = None
     for round_ in range(_CONFIRM_ROUNDS + 3):
         if round_ == _CONFIRM_ROUNDS:
+            # still moving between near-equal predicted candidates (spans, k-means or uniform a
+            # few per cent apart): encode each tensor's candidates of about the size of the
+            # last choice (its competitors) and choose among the encoded ones; only if that
+            # fails is every column encoded
+            if last is not None:
+                measured.confirm_near(last, _NEAR_SIZE)
+            allowed = _apply_floor(measured.trials, floor)
+            encoded = {name: [ok and t.exact for ok, t in zip(allowed[name], row)]
+                       for name, row in measured.trials.items()}
+            columns = solve(encoded, True) if all(any(row) for row in encoded.values()) else None
+            if columns is not None and all(measured.trials[n][c].exact for n, c in columns.items()):
+                measured.settled = True
+                return columns, encoded
             measured.confirm_all()
         allowed = _apply_floor(measured.trials, floor)
         columns = solve(allowed, thorough)
@@ -654,6 +697,7 @@ def _confirmed(measured: _Measured, floor: float | None,
                 continue
         if columns is None:
             return columns, allowed
+        last = columns
         if not measured.confirm(columns):
             if thorough:
                 measured.settled = True

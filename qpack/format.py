@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +21,13 @@ from .dtypes import DTYPES, is_float_name
 from .errors import ChecksumError, FormatError, UnsupportedVersionError
 from .rans import MAX_STEPS as RANS_MAX_STEPS
 
+try:  # ISA-L's CRC-32 (carry-less multiplies): the same values, 3.4x zlib's speed (1.7 ms on 19 MB)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency where it has wheels
+    from zlib import crc32
+
 __all__ = [
+    "crc32",
     "MAGIC",
     "VERSION",
     "SUPPORTED_VERSIONS",
@@ -255,7 +260,7 @@ def param_values(entry: TensorEntry, key: str) -> np.ndarray:
 def pack_preamble(header: bytes, version: int = VERSION, header_raw_length: int = 0) -> bytes:
     """The 24 bytes before ``header`` (the stored header bytes); ``header_raw_length`` is the
     version-3 field U (0: the header is stored as it is)."""
-    return PREAMBLE.pack(MAGIC, version, len(header), zlib.crc32(header), header_raw_length)
+    return PREAMBLE.pack(MAGIC, version, len(header), crc32(header), header_raw_length)
 
 
 def encode_header(entries: list[TensorEntry], metadata: dict[str, str],
@@ -499,7 +504,7 @@ def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMI
     Raises:
         FormatError: the first rule the header breaks (``exc.rule`` names it).
     """
-    if zlib.crc32(header) != expected_crc:
+    if crc32(header) != expected_crc:
         raise ChecksumError("R5", "header checksum mismatch: the header is corrupted")
     if header_raw_length:
         header = decompress_header(header, header_raw_length)

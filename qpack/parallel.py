@@ -29,8 +29,12 @@ def default_workers(limit: int = 8) -> int:
     """Worker threads to use: one per two cores, at most ``limit``.
 
     Measured: on 2 cores one worker loads and packs faster than two, which contend (a
-    100M-parameter 8-bit load took 0.22 s against 0.43 s); on a 16-core host 8 workers load
-    as fast as torch.load.
+    100M-parameter 8-bit load took 0.22 s against 0.43 s; measured again on 25 M parameters,
+    two took 1.5-2x one's time, and each of their loads faulted in ~14,000 fresh pages, as
+    outputs allocated on a worker come from its malloc arena, which hands freed pages back,
+    where the calling thread's keeps them; a helper thread decompressing ahead of the caller
+    did not pay either while another job held a core); on a 16-core host 8 workers load as
+    fast as torch.load.
     """
     return max(1, min(limit, (os.cpu_count() or 1) // 2))
 

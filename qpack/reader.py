@@ -6,7 +6,6 @@ import os
 import stat
 import threading
 import warnings
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from .format import (
     Limits,
     TensorEntry,
     align,
+    crc32,
     decoded_bytes,
     decoded_size_problem,
     default_max_bytes,
@@ -295,7 +295,7 @@ def _open_for_reading(path: Path) -> int:
 
 
 def _check_crc(entry: TensorEntry, data: bytes | memoryview) -> None:
-    if zlib.crc32(data) != entry.crc32:
+    if crc32(data) != entry.crc32:
         raise ChecksumError("R18", f"tensor {entry.name!r}: payload checksum mismatch (the file is corrupted)")
 
 
@@ -448,7 +448,7 @@ def _check_streamed(entry: TensorEntry, fd: int, position: int) -> None:
     """R18-R20 on a "none" or "zstd" payload, piece by piece (same errors as decoding it)."""
     crc = 0
     for piece in _stored_pieces(entry, fd, position):
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
     if crc != entry.crc32:
         raise ChecksumError("R18", f"tensor {entry.name!r}: payload checksum mismatch (the file is corrupted)")
     check = _PieceCheck(entry)

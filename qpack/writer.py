@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ from .format import (
     VERSION,
     TensorEntry,
     align,
+    crc32,
     current_version_for,
     encode_header,
     fixed_bytes,
@@ -109,7 +109,7 @@ class QpkWriter:
             self.close()  # the spool holds part of a payload: this writer cannot go on
             raise
         self._names.add(entry.name)
-        entry.offset, entry.length, entry.crc32 = offset, len(view), zlib.crc32(view)
+        entry.offset, entry.length, entry.crc32 = offset, len(view), crc32(view)
         self._end = offset + len(view)
         self.entries.append(entry)
         return entry
@@ -136,7 +136,7 @@ class QpkWriter:
             raise InputError(f"the header would be {max(len(header), raw_length)} bytes, more than a .qpk file "
                              f"allows ({DEFAULT_LIMITS.max_header_bytes}); too many tensors or metadata")
         try:
-            parse_header(header, zlib.crc32(header), version=version, header_raw_length=raw_length)
+            parse_header(header, crc32(header), version=version, header_raw_length=raw_length)
         except FormatError as exc:
             raise InputError(f"cannot write {self.path}: {exc}") from None
         head = pack_preamble(header, version, raw_length) + header

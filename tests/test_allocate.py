@@ -659,19 +659,23 @@ def test_predicted_sizes_and_errors_follow_the_encoder():
     counts[:, 0] += 1
     for row, size in zip(counts, estimate.rans_sizes(int(counts.sum(1).max()), counts)[0]):
         assert abs(int(size) - rans.encoded_size(int(counts.sum(1).max()), row)) <= 2
-    from qpack.allocate import _candidates, _predictable
+    from qpack.allocate import _candidates, _columns, _predictable, _predicted
     from qpack.policy import Policy
 
     state = varied_state()
     # most of the pruned tensor is 0, and the heavy-tailed one's (Student t, 2 degrees of
     # freedom) range is so wide that most values lie within half a step of 0 even at 5 bits:
-    # the encoder gives their grids an exact 0 level, which the estimate does not model, so
-    # those tensors are measured by full encodes
+    # the encoder gives their uniform grids an exact 0 level, which the estimate does not
+    # model, so those columns are encoded in full; their k-means columns are predicted
     decision, candidates = Policy().decide("pruned.weight", state["pruned.weight"]), _candidates(Policy(), ("tensor",))
-    for name in ("pruned.weight", "heavy.weight"):
-        assert not _predictable(state[name], decision, candidates)
-    for name in ("gauss.weight", "laplace.weight", "small.weight"):
+    for name in state:
         assert _predictable(state[name], decision, candidates)
+        found = _predicted(name, state[name], decision, candidates)
+        methods = [setting[0] for setting in _columns(state[name], candidates)]
+        assert "kmeans" in methods and not any(t.exact for (t, _), m in zip(found, methods) if m == "kmeans")
+        encoded = [t.exact for (t, _), m in zip(found, methods) if m == "uniform"]
+        assert all(encoded) if name in ("pruned.weight", "heavy.weight") else not any(encoded), name
+    for name in ("gauss.weight", "laplace.weight", "small.weight"):
         tensor = state[name]
         for kind, rows in (("tensor", 1), ("channel", tensor.shape[0])):
             stats = estimate.statistics(tensor, rows, None)

@@ -220,7 +220,7 @@ def test_prune_fraction_is_validated(tmp_path):
 @pytest.mark.parametrize("bits, rows, row_length, dtype", [
     (8, 1, None, torch.float32), (3, 1, None, torch.float32), (8, 96, None, torch.float32),
     (5, 0, 1000, torch.float32), (12, 1, None, torch.float32), (16, 1, None, torch.bfloat16),
-    (8, 1, None, torch.float16),
+    (8, 1, None, torch.float16), (8, 0, 24, torch.float32), (6, 0, 512, torch.float32),
 ])
 def test_lookup_dequantization_matches_the_torch_path_bit_for_bit(monkeypatch, bits, rows, row_length, dtype):
     pytest.importorskip("numba", reason="the lookup kernel needs numba (the torch path is the fallback)")
@@ -238,10 +238,11 @@ def test_lookup_dequantization_matches_the_torch_path_bit_for_bit(monkeypatch, b
     codebook = {"codebook": torch.randn(rows, 1 << bits, generator=gen)}
     shape = (count,)
     assert lookup.worth_a_table(indices, rows, 1 << bits) == (rows << bits <= count // 2)
+    assert lookup.worth_a_kernel(indices)  # uniform grids: computed in one pass, any row count
     fast = [uniform.dequantize(indices, params, bits, shape, dtype, row_length),
             kmeans.dequantize(indices, codebook, bits, shape, dtype, row_length)]
     monkeypatch.setenv("QPACK_NO_JIT", "1")
-    assert not lookup.worth_a_table(indices, rows, 1 << bits)
+    assert not lookup.worth_a_table(indices, rows, 1 << bits) and not lookup.worth_a_kernel(indices)
     reference = [uniform.dequantize(indices, params, bits, shape, dtype, row_length),
                  kmeans.dequantize(indices, codebook, bits, shape, dtype, row_length)]
     for a, b in zip(fast, reference):

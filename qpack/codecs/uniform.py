@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .lookup import lookup, worth_a_table
+from .lookup import affine, worth_a_kernel
 from .rows import as_rows, from_rows
 
 __all__ = ["choose_params", "quantize", "dequantize", "dequantize_with_step", "step_of", "as_float16", "as_uint8",
@@ -305,11 +305,11 @@ def dequantize(indices: torch.Tensor, params: dict[str, torch.Tensor], bits: int
     lo = params["min"]
     step = step_of(lo, params["max"], bits)
     rows = lo.numel()
-    if worth_a_table(indices, rows, 1 << bits):
-        # the same two roundings on every level of every row, then one lookup per element
-        levels = torch.arange(1 << bits, dtype=torch.float32)[None, :].mul(step.reshape(-1, 1)).add_(lo.reshape(-1, 1))
+    if worth_a_kernel(indices):
+        # the same two roundings in one compiled pass (faster than a lookup in a table of
+        # every row's levels, whose gathers do not vectorise)
         row_length = row_length or -(-indices.numel() // rows)
-        return lookup(indices, levels, row_length).reshape(shape).to(dtype)
+        return affine(indices, lo.to(torch.float32), step.to(torch.float32), row_length).reshape(shape).to(dtype)
     return dequantize_with_step(indices, lo, step, shape, dtype, row_length)
 
 
