@@ -77,7 +77,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--retrain-epochs",
         type=_positive,
         help="epochs of each retraining: after quantization, after each pruning round, of centroid training "
-        "(default: seed 1, LeNet-300-100 5, LeNet-5 1)",
+        "(default: seed 1, LeNet-300-100 5, LeNet-5 3)",
     )
     parser.add_argument(
         "--prune-rounds",
