@@ -714,8 +714,12 @@ def _run_model(name: str, data: DemoData, out: Path, cfg: DemoConfig, log: Log) 
 
     # fp32
     t = time.perf_counter()
-    # each network's initial weights from its own seed, whatever ran before it in this process
-    r.seed_everything(0)
+    # The LeNets start from their own seed, whatever ran before them in this process. The seed
+    # CNN draws from torch's default stream, as in the runs the README shows: this recipe's
+    # fp32 accuracy spreads over about a point between initialisations (98.17 / 98.32 % from
+    # that stream, 97.39 % from seed 1337), as the seed's own two runs (98.17 / 98.40 %) do.
+    if name != "seed":
+        r.seed_everything(0)
     model = MODELS[name]().to(r.device)
     log("")
     log(f"{MODEL_TITLES[name]}: training ({r.params:,} parameters) for {rec.epochs} epochs on {len(r.y):,} images "
