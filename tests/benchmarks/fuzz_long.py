@@ -410,6 +410,8 @@ def _mutate_class(kind: str, rng: random.Random, doc: dict, payloads: list[bytes
         entry["group_size"] = rng.choice([16, 32, 64, 65536]) if entry["granularity"] == "group" else 0
     elif kind == "group-size":
         entry["group_size"] = rng.choice([0, 1, 15, 16, 17, 64, 65536, 65537])
+    elif kind == "params" and not entry["params"]:  # an earlier mutation made it raw
+        entry["params"] = {rng.choice(["min", "codebook", "source"]): rng.choice([0, b"", "w"])}
     elif kind == "params":
         key = rng.choice(sorted(entry["params"]))
         value = entry["params"][key]
