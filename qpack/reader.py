@@ -158,10 +158,7 @@ class QpkReader:
         stored = self._read_stored(entry)
         if entry.compression == "rans":
             return _pack_indices(entry, _rans_indices(entry, stored, None))
-        raw = _zstd_decompress(entry, stored, writable)
-        if entry.compression == "zstd_planes":
-            return codecs.raw.join_planes(raw, itemsize(entry.dtype))
-        return raw
+        return _decompressed(entry, stored, writable)
 
     def _read_stored(self, entry: TensorEntry) -> bytes:
         """A compressed payload's stored bytes, checksummed (R18)."""
@@ -357,11 +354,16 @@ def decode_stored(entry: TensorEntry, stored: bytes | memoryview) -> torch.Tenso
         return dequantize_indices(entry, indices)
     if entry.compression == "none":
         payload = torch.frombuffer(bytearray(stored), dtype=torch.uint8) if stored else torch.empty(0, dtype=torch.uint8)
-    else:
-        payload = _zstd_decompress(entry, stored)
-        if entry.compression == "zstd_planes":
-            payload = codecs.raw.join_planes(payload, itemsize(entry.dtype))
-    return decode_payload(entry, payload)
+        return decode_payload(entry, payload)
+    return decode_payload(entry, _decompressed(entry, stored))
+
+
+def _decompressed(entry: TensorEntry, stored: bytes, writable: bool = True) -> torch.Tensor:
+    """A zstd or zstd_planes payload's decompressed bytes (section 2.2), as a 1-D uint8 tensor."""
+    raw = _zstd_decompress(entry, stored, writable)
+    if entry.compression == "zstd_planes":
+        return codecs.raw.join_planes(raw, itemsize(entry.dtype))
+    return raw
 
 
 def _pack_indices(entry: TensorEntry, indices: torch.Tensor) -> torch.Tensor:
