@@ -30,6 +30,8 @@ rounding, not to the bit.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import math
 from typing import Any
@@ -355,12 +357,31 @@ def _int4pack(indices: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, shape
 
 
 def _int4unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Invert ``torch._convert_weight_to_int4pack_for_cpu`` (torch 2.13's layout): byte
-    (b, k, j) of a (N/32, K, 16) view holds row 32b + j in its low half and row 32b + 16 + j
-    in its high half, column k. ``pack_modules`` checks this on every weight it packs."""
-    blocks = packed.reshape(out_features // 32, in_features, 16)
-    halves = torch.stack([blocks & 15, blocks >> 4], dim=1)  # (N/32, 2, K, 16)
-    return halves.permute(0, 1, 3, 2).reshape(-1)
+    """Invert ``torch._convert_weight_to_int4pack_for_cpu`` (torch 2.13), whose layout depends
+    on the CPU (``_int4_layout``). With AVX2, byte (b, k, j) of an (N/32, K, 16) view holds
+    row 32b + j in its low half and row 32b + 16 + j in its high half, column k. With AVX-512,
+    blocks of 64 rows: byte (b, k, j) of an (N/64, K, 32) view holds rows 64b + j and
+    64b + 32 + j; a last block of 32 rows is (K, 16) bytes, byte (k, j) holding rows 2j and
+    2j + 1. ``pack_modules`` checks the inverse on every weight it packs."""
+    block = 64 if _int4_layout() == "avx512" else 32
+    whole = out_features // block * block
+    flat = packed.reshape(-1)
+    blocks = flat[:whole * in_features // 2].reshape(whole // block, in_features, block // 2)
+    halves = torch.stack([blocks & 15, blocks >> 4], dim=1)  # (N/block, 2, K, block/2)
+    rows = halves.permute(0, 1, 3, 2).reshape(-1)
+    if whole == out_features:
+        return rows
+    tail = flat[whole * in_features // 2:].reshape(in_features, -1)  # AVX-512's last 32 rows
+    pairs = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(in_features, -1)
+    return torch.cat([rows, pairs.t().reshape(-1)])
+
+
+@functools.lru_cache(maxsize=1)
+def _int4_layout() -> str:
+    """"avx512" or "avx2": where this CPU's int4 kernel puts row 32 of a 64 x 64 weight."""
+    probe = torch.zeros(64, 64, dtype=torch.int32)
+    probe[32, 0] = 1
+    return "avx512" if int(torch._convert_weight_to_int4pack_for_cpu(probe, 2).reshape(-1)[0]) == 16 else "avx2"
 
 
 def _int4_steps(scale_zero: torch.Tensor, sets: int, shape: tuple[int, ...]) -> torch.Tensor:
