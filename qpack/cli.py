@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored min/max and codebooks: float16 halves their bytes (1 bit per weight at "
                         "group:32), uint8 codes them in 8 bits under a float32 base per tensor (0.5 bit, "
                         "uniform only); auto: float16 for group granularity, float32 otherwise")
+    p.add_argument("--rounding", choices=["balanced", "nearest"], default="balanced",
+                   help="uniform grids: balanced (default; each output row's rounding errors sum to about 0, "
+                        "which keeps low-bit layers from shifting their outputs) or nearest (every value "
+                        "to its nearest level)")
     allocation = p.add_mutually_exclusive_group()
     allocation.add_argument("--target-bpw", type=float, metavar="X",
                             help="choose each tensor's bits (1-8) and granularity so the file has at most X "
@@ -270,7 +274,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     report = api.pack(args.input, output, bits=bits, method=args.method, granularity=args.granularity,
                       bias_bits=args.bias_bits, exclude=args.exclude, bit_overrides=overrides,
                       min_numel=args.min_numel, prune=args.prune, exact_zero=args.exact_zero, rans=args.rans,
-                      param_dtype=args.param_dtype,
+                      param_dtype=args.param_dtype, rounding=args.rounding,
                       target_bpw=args.target_bpw, max_error=args.max_error,
                       allocate_granularity=args.allocate_granularity, sensitivity=sensitivity,
                       allow_below_floor=args.allow_below_floor,

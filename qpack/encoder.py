@@ -161,7 +161,9 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
         half = codec.as_float16(params)
         if half is not None:
             params, param_dtype = half, "float16"
-    indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length)
+    segment = balance_segment(decision, shape, rows, row_length) if codec is codecs.uniform else None
+    indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length,
+                                                      segment)
     if not math.isfinite(noise):
         # a level past the dtype's range (an --exact-zero grid widened past float16's 65504)
         # would decode as Inf: the tensor is stored losslessly instead
@@ -366,9 +368,25 @@ def _blocks(numel: int, rows: int, row_length: int | None) -> list[tuple[int, in
             for r in range(0, rows, per_block)]
 
 
+def balance_segment(decision: Decision, shape: tuple[int, ...], rows: int, row_length: int | None) -> int | None:
+    """The runs whose rounding errors a uniform grid balances (``codecs.uniform.balanced``),
+    in elements: each grid's row (a channel, a group), or for one grid per tensor each output
+    channel's fan-in; None for nearest rounding (``Policy.rounding``, a 1-D tensor, which no
+    layer sums over, or a width above ``codecs.uniform.BALANCED_MAX_BITS``)."""
+    if decision.rounding != "balanced" or len(shape) < 2 or decision.bits > codecs.uniform.BALANCED_MAX_BITS:
+        return None
+    numel = math.prod(shape)
+    if rows > 1:
+        return row_length or numel // rows
+    return max(1, numel // shape[0])
+
+
 def _quantize_blocks(codec: Any, tensor: torch.Tensor, original: torch.Tensor, params: dict[str, torch.Tensor],
-                     bits: int, rows: int, row_length: int | None) -> tuple[torch.Tensor, np.ndarray, float, float]:
+                     bits: int, rows: int, row_length: int | None,
+                     segment: int | None = None) -> tuple[torch.Tensor, np.ndarray, float, float]:
     """All indices (in their narrowest type), how often each is used, and the error sums.
+
+    ``segment``: balance the rounding in runs of that many elements (uniform grids only).
 
     ``tensor`` is what gets quantized (pruned or not); the error is measured against
     ``original``, so pruning shows in the reported SNR.
@@ -381,7 +399,10 @@ def _quantize_blocks(codec: Any, tensor: torch.Tensor, original: torch.Tensor, p
     for start, end, first_row, end_row in _blocks(numel, rows, row_length):
         block_params = {k: v[first_row:end_row] for k, v in params.items()}
         values = flat[start:end].to(torch.float32)
-        idx = codec.quantize(values, block_params, bits, row_length)
+        if segment is None:
+            idx = codec.quantize(values, block_params, bits, row_length)
+        else:
+            idx = codec.quantize(values, block_params, bits, row_length, balance=(segment, start % segment))
         rebuilt = codec.dequantize(idx, block_params, bits, (end - start,), tensor.dtype, row_length)
         target = reference[start:end].to(torch.float32)
         error = rebuilt.to(torch.float32).sub_(target)  # exact: both sides are float32 values

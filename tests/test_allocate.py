@@ -140,8 +140,9 @@ def test_max_error_with_sensitivity_weighs_the_bound(tmp_path):
     plain = qpack.pack(state, tmp_path / "a.qpk", max_error=0.1)
     careful = qpack.pack(state, tmp_path / "b.qpk", max_error=0.1, sensitivity=weights)
     assert overall_error(careful, weights) <= 0.1 * (1 + 1e-9)
-    bits = {r.name: r.bits for r in careful.tensors}
-    assert bits["mid.weight"] > next(r.bits for r in plain.tensors if r.name == "mid.weight")
+    # the heavy tensor is kept more precise (more bits, or a tighter grid at the same width)
+    error = {r.name: r.rel_rms for r in careful.tensors}
+    assert error["mid.weight"] < 0.9 * next(r.rel_rms for r in plain.tensors if r.name == "mid.weight")
     options = json.loads(qpack.info(tmp_path / "b.qpk").metadata["qpack.options"])
     assert options["max_error"] == 0.1 and options["target_bpw"] is None
     assert options["allocation"]["objective"] == "sensitivity"
@@ -555,8 +556,9 @@ def test_a_wider_grid_reads_back_by_the_formula_and_codes_smaller(tmp_path):
 
     gen = torch.Generator().manual_seed(2)
     state = {"w": torch.randn(128, 256, generator=gen)}
-    narrow = qpack.pack(state, tmp_path / "n.qpk", bits=5)
-    wide = qpack.pack(state, tmp_path / "w.qpk", bits=5, span_by_name=(("w", 2 ** 0.5),))
+    # nearest rounding: the expected indices below are the nearest levels
+    narrow = qpack.pack(state, tmp_path / "n.qpk", bits=5, rounding="nearest")
+    wide = qpack.pack(state, tmp_path / "w.qpk", bits=5, span_by_name=(("w", 2 ** 0.5),), rounding="nearest")
     assert "1.41x its range" in wide.tensors[0].reason
     assert wide.tensors[0].storage == "rans" and wide.file_bytes < narrow.file_bytes
     assert wide.tensors[0].snr_db < narrow.tensors[0].snr_db
@@ -682,7 +684,10 @@ def test_predicted_sizes_and_errors_follow_the_encoder():
             settings = [(3, 1.0), (5, 2 ** 0.5), (8, 1.0)]
             counts, error = estimate.uniform(stats, settings)
             for (bits, span), row_counts, rel in zip(settings, counts, estimate.relative_error(stats, error)):
-                _, _, report = encode_tensor(name, tensor, Decision("uniform", bits, kind, "", span=span))
+                # nearest rounding, which the estimate models (balanced rounding adds 1-4 %,
+                # and the allocation confirms the chosen candidates by encoding them)
+                _, _, report = encode_tensor(name, tensor, Decision("uniform", bits, kind, "", span=span,
+                                                                    rounding="nearest"))
                 if "exact 0" not in report.reason:  # a 0-level grid (heavy tails at 3 bits) is not modelled
                     assert rel == pytest.approx(report.rel_rms, rel=0.01), (name, kind, bits, span)
                 else:

@@ -27,9 +27,10 @@ def pack_one(tmp_path, tensor, **options):
 
 @pytest.mark.parametrize("bits", range(1, 17))
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
-def test_uniform_every_width(tmp_path, bits, granularity):
+@pytest.mark.parametrize("rounding", ["nearest", "balanced"])
+def test_uniform_every_width(tmp_path, bits, granularity, rounding):
     w = laplace((40, 12), seed=bits)
-    _, entry, payload, restored = pack_one(tmp_path, w, bits=bits, granularity=granularity)
+    _, entry, payload, restored = pack_one(tmp_path, w, bits=bits, granularity=granularity, rounding=rounding)
     assert entry.encoding == "uniform" and entry.bits == bits
     channels = 40 if granularity == "channel" else 1
     lo = torch.from_numpy(np.frombuffer(entry.params["min"], "<f4").copy())
@@ -47,9 +48,16 @@ def test_uniform_every_width(tmp_path, bits, granularity):
     idx = torch.round((restored.reshape(channels, -1) - lo[:, None]) / step)
     assert idx.min() >= 0 and idx.max() <= (1 << bits) - 1
     assert torch.equal(lo[:, None] + idx * step, restored.reshape(channels, -1))
-    # error at most half a step (plus float32 rounding of the grid itself)
     err = (restored.reshape(channels, -1) - rows).abs()
-    assert bool((err <= step / 2 * (1 + 1e-5) + 1e-7).all())
+    if rounding == "nearest" or bits > uniform.BALANCED_MAX_BITS:
+        # error at most half a step (plus float32 rounding of the grid itself)
+        assert bool((err <= step / 2 * (1 + 1e-5) + 1e-7).all())
+    else:
+        # under one step, and each output row's errors sum to at most half a step
+        assert bool((err < step * (1 + 1e-5)).all())
+        signed = (restored - w).reshape(40, -1).to(torch.float64).sum(dim=1)
+        row_step = step.reshape(-1).expand(40).to(torch.float64)
+        assert bool((signed.abs() <= row_step / 2 * (1 + 1e-4) + 1e-6).all())
     for row in restored.reshape(channels, -1):
         assert torch.unique(row).numel() <= 1 << bits
 
@@ -121,10 +129,11 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=9),
                          elements=st.floats(-1e6, 1e6, width=32)),
-       bits=st.integers(1, 16), method=st.sampled_from(["uniform", "kmeans"]))
-def test_any_finite_tensor_round_trips_within_bounds(tmp_path, values, bits, method):
+       bits=st.integers(1, 16), method=st.sampled_from(["uniform", "kmeans"]),
+       rounding=st.sampled_from(["nearest", "balanced"]))
+def test_any_finite_tensor_round_trips_within_bounds(tmp_path, values, bits, method, rounding):
     w = torch.from_numpy(values)
-    _, entry, _, restored = pack_one(tmp_path, w, bits=bits, method=method)
+    _, entry, _, restored = pack_one(tmp_path, w, bits=bits, method=method, rounding=rounding)
     assert restored.shape == w.shape and restored.dtype == w.dtype
     assert torch.unique(restored).numel() <= 1 << bits
     if method == "kmeans":  # centroids are means of their members
@@ -135,7 +144,8 @@ def test_any_finite_tensor_round_trips_within_bounds(tmp_path, values, bits, met
     elif method == "uniform":  # at most half a step of the stored grid (widened to hold 0 where most values are near it)
         span = float(np.frombuffer(entry.params["max"], "<f4")[0]) - float(np.frombuffer(entry.params["min"], "<f4")[0])
         assert span >= float(w.max()) - float(w.min())
-        assert err <= span / ((1 << bits) - 1) / 2 * (1 + 1e-4) + 1e-30 + 1e-6 * max(abs(float(w.max())), abs(float(w.min())))
+        steps = 0.5 if rounding == "nearest" else 1.0  # balanced: a value may take its other neighbour
+        assert err <= span / ((1 << bits) - 1) * steps * (1 + 1e-4) + 1e-30 + 1e-6 * max(abs(float(w.max())), abs(float(w.min())))
     if torch.unique(w).numel() <= 1 << bits and method == "kmeans":
         assert torch.equal(restored, w)  # few distinct values: k-means is exact
 

@@ -32,8 +32,10 @@ def test_zeros_stay_zero_and_the_error_drops(tmp_path, monkeypatch, method, bits
 
     weights = {"fc.weight": l1_like(96, 160, seed=bits)}
     zeros = weights["fc.weight"] == 0
-    # one grid per tensor even where a row is weaker than the rest (channel_spread)
-    options = {"bits": bits, "method": method, "granularity": granularity, "channel_spread": None}
+    # one grid per tensor even where a row is weaker than the rest (channel_spread); nearest
+    # rounding, so that the half-step bound below tests the grid itself
+    options = {"bits": bits, "method": method, "granularity": granularity, "channel_spread": None,
+               "rounding": "nearest"}
     exact = qpack.pack(weights, tmp_path / "exact.qpk", exact_zero=True, **options)
     if method == "uniform":
         # most of these weights lie within half a step of 0: the default grid holds an exact 0

@@ -42,7 +42,7 @@ def test_groups_get_float16_parameters_by_default_and_stay_within_half_a_step(tm
     gen = torch.Generator().manual_seed(3)
     # groups at very different scales, up to float16's largest value
     w = torch.randn(40, 48, generator=gen) * torch.logspace(-4, 4, 40)[:, None].clamp(max=6e4 / 5)
-    qpack.pack({"w": w}, tmp_path / "g.qpk", bits=4, granularity="group:32")
+    qpack.pack({"w": w}, tmp_path / "g.qpk", bits=4, granularity="group:32", rounding="nearest")
     entry = entries_of(tmp_path / "g.qpk")["w"]
     assert entry.param_dtype == "float16" and len(entry.params["min"]) == 2 * entry.channels
     step, worst = steps_and_errors(tmp_path / "g.qpk", w)
@@ -58,8 +58,11 @@ def test_groups_get_float16_parameters_by_default_and_stay_within_half_a_step(tm
 def test_uint8_parameters_cost_a_quarter_and_still_cover_every_group(tmp_path):
     gen = torch.Generator().manual_seed(8)
     w = torch.randn(64, 96, generator=gen) * torch.linspace(0.01, 1, 64)[:, None]
-    qpack.pack({"w": w}, tmp_path / "u.qpk", bits=4, granularity="group:32", param_dtype="uint8")
-    qpack.pack({"w": w}, tmp_path / "h.qpk", bits=4, granularity="group:32", param_dtype="float16")
+    # nearest rounding: the half-step bound below tests that the coded grids cover each group
+    qpack.pack({"w": w}, tmp_path / "u.qpk", bits=4, granularity="group:32", param_dtype="uint8",
+               rounding="nearest")
+    qpack.pack({"w": w}, tmp_path / "h.qpk", bits=4, granularity="group:32", param_dtype="float16",
+               rounding="nearest")
     coded, half = entries_of(tmp_path / "u.qpk")["w"], entries_of(tmp_path / "h.qpk")["w"]
     assert coded.param_dtype == "uint8" and len(coded.params["min"]) == coded.channels
     step, worst = steps_and_errors(tmp_path / "u.qpk", w)

@@ -332,7 +332,7 @@ def test_exact_zero_widens_the_range_by_less_than_a_step_and_keeps_half_a_step(t
     gen = torch.Generator().manual_seed(4)
     w = torch.rand(40, 30, generator=gen) * 3 + 0.25  # all positive: 0 lies outside [lo, hi]
     w[0, :5] = torch.tensor([0.31, 0.5, 0.9, 1.7, 3.2])
-    qpack.pack({"w": w}, tmp_path / "z.qpk", bits=3, exact_zero=True)
+    qpack.pack({"w": w}, tmp_path / "z.qpk", bits=3, exact_zero=True, rounding="nearest")  # the grid's half step
     with QpkReader(tmp_path / "z.qpk") as reader:
         entry = reader.entry("w")
         lo = np.frombuffer(entry.params["min"], "<f4")[0]

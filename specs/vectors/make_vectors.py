@@ -50,6 +50,9 @@ def vector_inputs() -> dict[str, dict]:
     """Versions 3 and 4: name -> (state dict, pack options). Everything is deterministic."""
     torch.manual_seed(11)  # the Laplace samples
     gen = torch.Generator().manual_seed(11)
+    # uniform vectors keep the nearest rounding they were made with: how the writer picks
+    # indices is not part of the format (it balances them by default, Policy.rounding)
+    nearest = {"rounding": "nearest"}
     return {
         # derived masks (3.5), from a k-means source with an exact 0 and from a raw one
         "v4_derived_masks": (v4_masks(), {"bits": 5, "method": "kmeans", "exact_zero": True, "min_numel": 1,
@@ -67,20 +70,20 @@ def vector_inputs() -> dict[str, dict]:
         }, {}),
         # float16 min/max per group (the default for groups), a short last group
         "v3_uniform_group32_b4_f16": ({"w": 0.05 * torch.randn(6, 30, generator=gen)},
-                                      {"bits": 4, "granularity": "group:32", "min_numel": 1}),
+                                      {"bits": 4, "granularity": "group:32", "min_numel": 1, **nearest}),
         "v3_uniform_channel_b6_f16": ({"w": (0.2 * torch.randn(4, 9, generator=gen)).to(torch.float16)},
                                       {"bits": 6, "granularity": "channel", "param_dtype": "float16",
-                                       "min_numel": 1}),
+                                       "min_numel": 1, **nearest}),
         "v3_kmeans_group64_b3_f16": ({"w": torch.distributions.Laplace(0.0, 0.03).sample((5, 40))},
                                      {"bits": 3, "method": "kmeans", "granularity": "group:64", "min_numel": 1}),
         # rANS (section 4.1) in a version-3 file, float32 min/max, a compressed header
         "v3_uniform_b5_rans": ({"w": torch.distributions.Laplace(0.0, 0.02).sample((48, 64)),
                                 "w.bias": 0.1 * torch.randn(48, generator=gen)},
-                               {"bits": 5, "min_numel": 1}),
+                               {"bits": 5, "min_numel": 1, **nearest}),
         # two-level parameters: 8-bit min/max codes under a float32 base (3.2)
         "v3_uniform_group32_b4_u8": ({"w": 0.05 * torch.randn(8, 36, generator=gen)},
                                      {"bits": 4, "granularity": "group:32", "param_dtype": "uint8",
-                                      "min_numel": 1}),
+                                      "min_numel": 1, **nearest}),
     }
 
 
