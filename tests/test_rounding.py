@@ -134,3 +134,15 @@ def test_wide_grids_and_1d_tensors_round_to_nearest(tmp_path):
     nearest, balanced = qpack.load(tmp_path / "n.qpk"), qpack.load(tmp_path / "b.qpk")
     assert torch.equal(nearest["fc.bias"], balanced["fc.bias"])
     assert not torch.equal(nearest["fc.weight"], balanced["fc.weight"])
+
+
+def test_a_block_inside_a_long_run_is_balanced_piece_by_piece():
+    gen = torch.Generator().manual_seed(8)
+    position = torch.rand(1000, generator=gen) * 7
+    idx = position.round()
+    none = torch.full((1000,), -1.0)
+    # runs of 5000 elements, the block starting 4600 into one: pieces of 400 and 600
+    moved = uniform.balanced(idx, position, 7, 5000, 4600, none)
+    for piece in (slice(0, 400), slice(400, 1000)):
+        assert abs(float((moved[piece] - position[piece]).sum())) <= 0.5 + 1e-4
+    assert not torch.equal(moved, idx) and float((moved - idx).abs().max()) == 1.0

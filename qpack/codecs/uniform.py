@@ -337,6 +337,14 @@ def balanced(idx: torch.Tensor, position: torch.Tensor, top: int, segment: int, 
     pruning mask derived from the weights still holds.
     """
     numel = idx.numel()
+    if segment > numel and numel:
+        # a block inside one or two long runs: each piece is balanced on its own (padding it
+        # out to whole runs would allocate up to a run's length per block)
+        cut = segment - offset
+        if cut >= numel:
+            return balanced(idx, position, top, numel, 0, zero)
+        return torch.cat([balanced(idx[:cut], position[:cut], top, cut, 0, zero[:cut]),
+                          balanced(idx[cut:], position[cut:], top, numel - cut, 0, zero[cut:])])
     runs = -(-(offset + numel) // segment)
 
     def as_runs(flat: torch.Tensor, fill: float) -> torch.Tensor:
