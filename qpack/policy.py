@@ -131,7 +131,7 @@ class Policy:
             of 32). A value exactly on a level is never moved. 1-D tensors and widths above 6
             bits always round to nearest. Not the default: it rescued a 28 k BN CNN at
             --target-bpw 4 (0.92 points lost -> 0.04) and 3-bit files broadly, but cost an
-            L1-trained CNN 0.6-1.6 points at 4-6 bits.
+            L1-trained CNN 0.5-1.6 points at 4-6 bits.
         rans: "auto" codes a tensor's indices with rANS when that saves at least 5 % over
             the best zstd form (skewed indices: trained, L1-regularised, pruned weights),
             "always" whenever it is smaller at all, "never" not at all (files load at

@@ -334,7 +334,7 @@ def balanced(idx: torch.Tensor, position: torch.Tensor, top: int, segment: int, 
     (for smooth weights, those within a hair of half a step) take the other neighbour, the
     least added squared error that zeroes the sum. Where many values share one error (the
     near-zero bulk of an L1-trained layer with no level at 0) the moves cost far more, and
-    an L1-trained CNN lost 0.6-1.6 points at 4-6 bits: hence opt-in. Values exactly on a level (pruned zeros, retrained grids) and moves onto
+    an L1-trained CNN lost 0.5-1.6 points at 4-6 bits: hence opt-in. Values exactly on a level (pruned zeros, retrained grids) and moves onto
     an exact 0 level (``zero``: its index per element, -1 for none) are left alone, so a
     pruning mask derived from the weights still holds.
     """
