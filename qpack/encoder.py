@@ -161,7 +161,7 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
         half = codec.as_float16(params)
         if half is not None:
             params, param_dtype = half, "float16"
-    segment = balance_segment(decision, shape, rows, row_length) if codec is codecs.uniform else None
+    segment = _balance_segment(decision, shape, rows, row_length) if codec is codecs.uniform else None
     indices, counts, signal, noise = _quantize_blocks(codec, tensor, original, params, bits, rows, row_length,
                                                       segment)
     if not math.isfinite(noise):
@@ -368,7 +368,7 @@ def _blocks(numel: int, rows: int, row_length: int | None) -> list[tuple[int, in
             for r in range(0, rows, per_block)]
 
 
-def balance_segment(decision: Decision, shape: tuple[int, ...], rows: int, row_length: int | None) -> int | None:
+def _balance_segment(decision: Decision, shape: tuple[int, ...], rows: int, row_length: int | None) -> int | None:
     """The runs whose rounding errors a uniform grid balances (``codecs.uniform.balanced``),
     in elements: each grid's row (a channel, a group), or for one grid per tensor each output
     channel's fan-in; None for nearest rounding (``Policy.rounding``, a 1-D tensor, which no
@@ -399,10 +399,9 @@ def _quantize_blocks(codec: Any, tensor: torch.Tensor, original: torch.Tensor, p
     for start, end, first_row, end_row in _blocks(numel, rows, row_length):
         block_params = {k: v[first_row:end_row] for k, v in params.items()}
         values = flat[start:end].to(torch.float32)
-        if segment is None:
-            idx = codec.quantize(values, block_params, bits, row_length)
-        else:
-            idx = codec.quantize(values, block_params, bits, row_length, balance=(segment, start % segment))
+        # a block may start inside a run; only the uniform codec takes ``balance``
+        extra = {} if segment is None else {"balance": (segment, start % segment)}
+        idx = codec.quantize(values, block_params, bits, row_length, **extra)
         rebuilt = codec.dequantize(idx, block_params, bits, (end - start,), tensor.dtype, row_length)
         target = reference[start:end].to(torch.float32)
         error = rebuilt.to(torch.float32).sub_(target)  # exact: both sides are float32 values

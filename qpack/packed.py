@@ -31,7 +31,6 @@ rounding, not to the bit.
 from __future__ import annotations
 
 import functools
-
 import logging
 import math
 from typing import Any

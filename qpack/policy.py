@@ -20,7 +20,7 @@ __all__ = ["Policy", "Decision", "METHODS", "DEFAULT_MIN_SNR_DB", "GRANULARITIES
 METHODS = ("uniform", "kmeans")
 RANS_MODES = ("auto", "always", "never")
 #: how a uniform grid rounds (``Policy.rounding``)
-ROUNDINGS = ("balanced", "nearest")
+ROUNDINGS = ("nearest", "balanced")
 #: element type of stored min/max and codebooks (spec 3): "auto" is float16 for groups
 PARAM_DTYPES = ("auto", "float32", "float16", "uint8")
 GRANULARITIES = ("tensor", "channel", "group:G")
@@ -126,7 +126,7 @@ class Policy:
             values rounded furthest against the row's summed error take their other
             neighbour where that keeps the row's rounding errors summing to about 0: a
             layer's outputs are sums over such rows, and the summed errors otherwise shift
-            them by a constant (at 3-4 bits the part of the error that costs accuracy; see
+            them by a constant (on some networks, at 3-4 bits, the part that costs accuracy; see
             ``codecs.uniform.balanced``). The squared error grows by about 1 % (3 % at groups
             of 32). A value exactly on a level is never moved. 1-D tensors and widths above 6
             bits always round to nearest. Not the default: it rescued a 28 k BN CNN at

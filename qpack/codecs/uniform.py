@@ -6,9 +6,9 @@ Reconstruction (spec section 3.2), every step in float32 and rounded:
     W    = fl32(min + fl32(step * idx))
 
 The encoder picks ``idx = clamp(round((w - min) / step), 0, 2^b - 1)``; with
-``Policy.rounding="balanced"`` it then moves a few of them to their other neighbour so that each output row's rounding errors sum
-to about 0 (:func:`balanced`; the format does not say how indices are chosen); a constant
-row (``min == max``) has step 0 and every index 0.
+``Policy.rounding="balanced"`` it then moves a few of them to their other neighbour so that
+each output row's rounding errors sum to about 0 (:func:`balanced`; the format does not say
+how indices are chosen); a constant row (``min == max``) has step 0 and every index 0.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 from .lookup import affine, worth_a_kernel
 from .rows import as_rows, from_rows
 
-__all__ = ["BALANCED_MAX_BITS", "balanced", "choose_params", "quantize", "dequantize", "dequantize_with_step", "step_of", "as_float16", "as_uint8",
-           "from_uint8", "zero_heavy", "ZERO_HEAVY"]
+__all__ = ["BALANCED_MAX_BITS", "balanced", "choose_params", "quantize", "dequantize", "dequantize_with_step",
+           "step_of", "as_float16", "as_uint8", "from_uint8", "zero_heavy", "ZERO_HEAVY"]
 
 #: balanced rounding (:func:`balanced`) is applied up to this width: at 7-8 bits the rows'
 #: summed errors are too small to matter (the zoo's -b 8 drops moved by at most 0.06 points,
-#: either way) and balancing would triple the quantization time of the default pack
+#: either way) and balancing would triple the quantization time of an 8-bit pack
 BALANCED_MAX_BITS = 6
 #: float16 parameters are used only when rounding them widens the grids' spans (root mean
 #: square over rows) by at most this share
@@ -305,7 +305,8 @@ def quantize(values: torch.Tensor, params: dict[str, torch.Tensor], bits: int,
     safe_step = torch.where(constant, torch.ones_like(step), step)
     position = as_rows(values, lo.numel(), row_length).to(torch.float32) - lo[:, None]  # a new tensor
     position.div_(safe_step[:, None])
-    idx = position.round().clamp_(0, (1 << bits) - 1)
+    # nearest rounding rounds in place; balancing needs the positions beside the indices
+    idx = (position.round_() if balance is None else position.round()).clamp_(0, (1 << bits) - 1)
     if bool(constant.any()):
         idx[constant] = 0
         position[constant] = 0
@@ -334,9 +335,10 @@ def balanced(idx: torch.Tensor, position: torch.Tensor, top: int, segment: int, 
     (for smooth weights, those within a hair of half a step) take the other neighbour, the
     least added squared error that zeroes the sum. Where many values share one error (the
     near-zero bulk of an L1-trained layer with no level at 0) the moves cost far more, and
-    an L1-trained CNN lost 0.5-1.6 points at 4-6 bits: hence opt-in. Values exactly on a level (pruned zeros, retrained grids) and moves onto
-    an exact 0 level (``zero``: its index per element, -1 for none) are left alone, so a
-    pruning mask derived from the weights still holds.
+    an L1-trained CNN lost 0.5-1.6 points at 4-6 bits: hence opt-in. Values exactly on a
+    level (pruned zeros, retrained grids) and moves onto an exact 0 level (``zero``: its
+    index per element, -1 for none) are left alone, so a pruning mask derived from the
+    weights still holds.
     """
     numel = idx.numel()
     if segment > numel and numel:

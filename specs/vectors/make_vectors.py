@@ -50,8 +50,8 @@ def vector_inputs() -> dict[str, dict]:
     """Versions 3 and 4: name -> (state dict, pack options). Everything is deterministic."""
     torch.manual_seed(11)  # the Laplace samples
     gen = torch.Generator().manual_seed(11)
-    # uniform vectors keep the nearest rounding they were made with: how the writer picks
-    # indices is not part of the format (it balances them by default, Policy.rounding)
+    # uniform vectors pin the nearest rounding they were made with: how the writer picks
+    # indices is not part of the format (Policy.rounding), and their bytes must not move
     nearest = {"rounding": "nearest"}
     return {
         # derived masks (3.5), from a k-means source with an exact 0 and from a raw one
