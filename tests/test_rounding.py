@@ -146,3 +146,18 @@ def test_a_block_inside_a_long_run_is_balanced_piece_by_piece():
     for piece in (slice(0, 400), slice(400, 1000)):
         assert abs(float((moved[piece] - position[piece]).sum())) <= 0.5 + 1e-4
     assert not torch.equal(moved, idx) and float((moved - idx).abs().max()) == 1.0
+
+
+def test_values_rounded_to_an_exact_zero_neither_count_nor_move():
+    # an L1-trained layer's near-zero bulk, snapped to a 0 level, is pruned, not rounded:
+    # its errors would otherwise be "corrected" by moving the few large weights of the row
+    position = torch.tensor([3.2, 3.2, 3.2, 3.2, 1.45, 1.45, 5.4, 0.6], dtype=torch.float32)
+    idx = position.round()
+    zero = torch.full((8,), 3.0)  # level 3 is an exact 0
+    moved = uniform.balanced(idx, position, 7, 8, 0, zero)
+    assert moved[:4].tolist() == [3.0] * 4  # on the 0 level: stay there
+    # the rest: errors -0.45, -0.45, -0.4, +0.4 sum to -0.9: one moves up, the furthest (a 1.45)
+    assert sorted(moved[4:6].tolist()) == [1.0, 2.0] and moved[6:].tolist() == [5.0, 1.0]
+    # with no 0 level, the four 3.2s' errors (-0.8 in all) count too: the sum is -1.7, two move
+    counted = uniform.balanced(idx, position, 7, 8, 0, torch.full((8,), -1.0))
+    assert int((counted != idx).sum()) == 2
