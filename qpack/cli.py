@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored min/max and codebooks: float16 halves their bytes (1 bit per weight at "
                         "group:32), uint8 codes them in 8 bits under a float32 base per tensor (0.5 bit, "
                         "uniform only); auto: float16 for group granularity, float32 otherwise")
-    p.add_argument("--rounding", choices=["nearest", "balanced"], default="nearest",
-                   help="uniform grids: nearest (default; every value to its nearest level) or balanced "
-                        "(up to 6 bits, each output row's rounding errors sum to about 0, which keeps "
-                        "low-bit layers from shifting their outputs; helps some networks, hurts others)")
+    p.add_argument("--rounding", choices=["balanced", "nearest"], default="balanced",
+                   help="uniform grids: balanced (default; up to 6 bits, each output row's rounding errors "
+                        "sum to about 0, which keeps low-bit layers from shifting their outputs) or nearest "
+                        "(every value to its nearest level)")
     allocation = p.add_mutually_exclusive_group()
     allocation.add_argument("--target-bpw", type=float, metavar="X",
                             help="choose each tensor's bits (1-8) and granularity so the file has at most X "

@@ -67,8 +67,8 @@ class Decision:
     param_dtype: str = "float32"
     #: a uniform grid spans this many times its values' range (>= 1; see codecs.uniform)
     span: float = 1.0
-    #: uniform grids: "nearest" or "balanced" (each row's rounding errors sum to about 0)
-    rounding: str = "nearest"
+    #: uniform grids: "balanced" (each row's rounding errors sum to about 0) or "nearest"
+    rounding: str = "balanced"
 
 
 @dataclass(frozen=True)
@@ -120,18 +120,17 @@ class Policy:
             as ``w`` decodes, as derived from ``w`` (spec 3.5, format version 4): no payload,
             rebuilt exactly when read. A mask that quantization breaks (a small kept weight
             rounded to 0) is stored as ``exact_values`` says. False: never.
-        rounding: how a uniform grid picks each index. "nearest" (default): the nearest
-            level always. "balanced" (opt-in, up to 6 bits): the nearest level, except that in
-            each output channel's row (each grid's row, for grids per channel or group) the
-            values rounded furthest against the row's summed error take their other
-            neighbour where that keeps the row's rounding errors summing to about 0: a
-            layer's outputs are sums over such rows, and the summed errors otherwise shift
-            them by a constant (on some networks, at 3-4 bits, the part that costs accuracy; see
-            ``codecs.uniform.balanced``). The squared error grows by about 1 % (3 % at groups
-            of 32). A value exactly on a level is never moved. 1-D tensors and widths above 6
-            bits always round to nearest. Not the default: it rescued a 28 k BN CNN at
-            --target-bpw 4 (0.92 points lost -> 0.04) and 3-bit files broadly, but cost an
-            L1-trained CNN 0.5-1.6 points at 4-6 bits.
+        rounding: how a uniform grid picks each index. "balanced" (default, up to 6 bits):
+            the nearest level, except that in each output channel's row (each grid's row,
+            for grids per channel or group) the values rounded furthest against the row's
+            summed error take their other neighbour where that keeps the row's rounding
+            errors summing to about 0: a layer's outputs are sums over such rows, and the
+            summed errors otherwise shift them by a constant (on some networks, at 3-4 bits,
+            the part that costs accuracy; see ``codecs.uniform.balanced``). The squared error
+            grows by about 1 % (3 % at groups of 32). A value exactly on a level is never
+            moved, and values rounded to an exact 0 level neither count nor move. 1-D tensors
+            and widths above 6 bits always round to nearest, so 8-bit files are the same
+            either way. "nearest": the nearest level always (files as earlier qpacks wrote them).
         rans: "auto" codes a tensor's indices with rANS when that saves at least 5 % over
             the best zstd form (skewed indices: trained, L1-regularised, pruned weights),
             "always" whenever it is smaller at all, "never" not at all (files load at
@@ -160,7 +159,7 @@ class Policy:
     exact_zero: bool = False
     exact_values: bool = True
     derive_masks: bool = True
-    rounding: str = "nearest"
+    rounding: str = "balanced"
     rans: str = "auto"
     param_dtype: str = "auto"
     #: exact tensor names -> bits (what --target-bpw or --max-error chose); checked before the globs
