@@ -104,6 +104,9 @@ FORMATS = [
     Format("qpack-u8-numpy", "qpack uniform 8b (numpy)", "qpack", ".qpk", file_of="qpack-u8",
            load_env={"QPACK_NO_JIT": "1"}),
     Format("qpack-u4", "qpack uniform 4b", "qpack", ".qpk", {"bits": 4, "method": "uniform"}),
+    # the same with nearest rounding: what balanced rounding (the default) costs in pack time and SNR
+    Format("qpack-u4-nearest", "qpack uniform 4b, nearest", "qpack", ".qpk",
+           {"bits": 4, "method": "uniform", "rounding": "nearest"}),
     Format("qpack-u4-ch", "qpack uniform 4b/ch", "qpack", ".qpk",
            {"bits": 4, "method": "uniform", "granularity": "channel"}),
     Format("qpack-k4", "qpack kmeans 4b", "qpack", ".qpk", {"bits": 4, "method": "kmeans"}),
