@@ -360,7 +360,7 @@ def _options(policy: Policy, target_bpw: float | None, max_error: float | None,
             "bias_bits": policy.bias_bits, "exclude": list(policy.exclude),
             "bit_overrides": dict(policy.bit_overrides), "min_numel": policy.min_numel,
             "prune": policy.prune, "exact_zero": policy.exact_zero, "rans": policy.rans,
-            "param_dtype": policy.param_dtype}
+            "param_dtype": policy.param_dtype, "rounding": policy.rounding}
 
 
 def _float_or_none(value: float | None) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,7 +116,13 @@ def test_the_option_is_checked_and_reaches_the_cli(tmp_path, capsys):
         out = tmp_path / f"{rounding}.qpk"
         assert cli_main(["pack", str(tmp_path / "m.pt"), "-b", "3", "--rounding", rounding, "-o", str(out), "-q"]) == 0
         outputs[rounding] = qpack.load(out)["fc.weight"]
+        assert json.loads(qpack.info(out).metadata["qpack.options"])["rounding"] == rounding
     assert not torch.equal(outputs["nearest"], outputs["balanced"])
+    # balanced is the default, in the API and the CLI
+    qpack.pack(torch.load(tmp_path / "m.pt"), tmp_path / "default.qpk", bits=3)
+    assert torch.equal(qpack.load(tmp_path / "default.qpk")["fc.weight"], outputs["balanced"])
+    assert cli_main(["pack", str(tmp_path / "m.pt"), "-b", "3", "-o", str(tmp_path / "cli.qpk"), "-q"]) == 0
+    assert torch.equal(qpack.load(tmp_path / "cli.qpk")["fc.weight"], outputs["balanced"])
     with pytest.raises(SystemExit) as stop:
         cli_main(["pack", str(tmp_path / "m.pt"), "--rounding", "up"])
     assert stop.value.code == 2
