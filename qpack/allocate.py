@@ -68,7 +68,7 @@ from .dtypes import name_of_dtype
 from .encoder import UNIQUE_LIMIT, count_distinct, encode_tensor
 from .errors import InputError
 from .format import TensorEntry, align, expected_raw_length, layout_offsets, parameter_rows
-from .parallel import default_workers, ordered_map
+from .parallel import ordered_map, trial_workers
 from .policy import Decision, Policy, granularity_for, parse_granularity
 from .writer import planned_file_bytes
 
@@ -169,7 +169,7 @@ class _Measured:
             return _encoded(name, tensor, self.decisions[name], self.settings[name][column], self.distinct[name],
                             keep), keep
 
-        for (name, column), (done, keep) in zip(todo, ordered_map(encode, todo, min(default_workers(4), len(todo)))):
+        for (name, column), (done, keep) in zip(todo, ordered_map(encode, todo, min(trial_workers(4), len(todo)))):
             assert done is not None, "a predicted tensor is finite"
             trial, rel = done
             if self.kept_bytes + len(keep[0][2]) <= KEEP_BYTES:  # for the pack to write as it is
@@ -403,7 +403,7 @@ def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: M
     settings: dict[str, list[_Setting]] = {}
     sizes: dict[str, int] = {}
     elements = 0
-    for name, numel, done in ordered_map(measure, tensors.items(), min(default_workers(4), max(len(tensors), 1))):
+    for name, numel, done in ordered_map(measure, tensors.items(), min(trial_workers(4), max(len(tensors), 1))):
         elements += numel
         if isinstance(done, TensorEntry):
             entries.append(done)

@@ -65,3 +65,20 @@ def test_load_with_threads_matches_one_thread(tmp_path):
     many = qpack.load(tmp_path / "m.qpk", threads=6)
     assert list(one) == list(many)
     assert all(torch.equal(one[k], many[k]) for k in one)
+
+
+def test_allocation_is_the_same_on_one_or_several_trial_workers(tmp_path, monkeypatch):
+    # the trial encodings run side by side (parallel.trial_workers); the plan and the
+    # file must not depend on how many
+    from qpack import allocate
+
+    gen = torch.Generator().manual_seed(11)
+    state = {f"l{i}.weight": torch.randn(64, 96, generator=gen) * (0.5 + i) for i in range(6)}
+    state["l0.bias"] = torch.randn(64, generator=gen)
+    files = []
+    for workers in (1, 3):
+        monkeypatch.setattr(allocate, "trial_workers", lambda limit=4, workers=workers: workers)
+        path = tmp_path / f"w{workers}.qpk"
+        qpack.pack(state, path, target_bpw=3.5, allocate_granularity="tensor,channel")
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
