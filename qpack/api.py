@@ -138,7 +138,7 @@ def pack(
             tensor) so that the whole file has at most this many bits per weight, with the
             least predicted error: relative errors squared, summed per layer, the first and
             last layers weighted more (qpack.allocate), no tensor below the quality floor
-            (``min_snr_db``). Each tensor is encoded at every candidate first.
+            (``min_snr_db``). Candidates are predicted from histograms; the chosen ones are encoded.
         max_error: instead of ``target_bpw``, the smallest file whose predicted error,
             ``sqrt(sum_t w_t rel_t^2 / sum_t w_t)`` over the quantized tensors (``rel_t`` a
             tensor's ``rel_rms``, ``w_t`` its weight in the objective), is at most this.
@@ -157,8 +157,8 @@ def pack(
         threads: tensors encoded side by side (default: one per two cores, at most 4); each holds
             its tensor's temporaries, so memory grows with it.
         policy_options: further :class:`qpack.policy.Policy` fields, e.g. ``min_snr_db=12.0``
-            (the allocation's quality floor, 13 dB SNR per quantized tensor by default) or
-            ``allow_below_floor=True``.
+            (the allocation's quality floor, 13 dB SNR per quantized tensor by default),
+            ``allow_below_floor=True`` or ``rounding="nearest"`` (balanced by default).
 
     Returns:
         A PackReport with one row per tensor and the totals.
