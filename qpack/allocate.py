@@ -520,7 +520,11 @@ def _zero_heavy_grids(tensor: torch.Tensor, rows: int, group_size: int) -> bool:
     bits only, where the estimate then over-predicts the error; a chosen candidate is
     confirmed by a full encode."""
     params = uniform.choose_params(tensor, 5, rows, group_size or None)
-    return uniform.zero_heavy(tensor, params, 5, rows, group_size or None)
+    if uniform.zero_heavy(tensor, params, 5, rows, group_size or None):
+        return True
+    # channel grids (float32 parameters) also give an exact 0 to each row that is zero-heavy
+    # on its own (the live rows of an L1-trained layer)
+    return rows > 1 and not group_size and bool(uniform.zero_heavy_rows(tensor, params, 5, rows, None).any())
 
 
 def _predicted(name: str, tensor: torch.Tensor, decision: Decision,

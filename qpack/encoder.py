@@ -144,12 +144,26 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
     keep_zero = bool(decision.prune) or decision.exact_zero
     span = {"span": decision.span} if decision.span != 1.0 and codec is codecs.uniform else {}
     params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=keep_zero, **span)
-    if codec is codecs.uniform and not keep_zero and codec.zero_heavy(tensor, params, bits, rows, row_length):
-        # most values near 0 (L1, sparse): a grid with 0 between two levels moves them all
-        with_zero = codec.choose_params(tensor, bits, rows, row_length, keep_zero=True, **span)
-        if codec.zero_level_helps(tensor, params, with_zero, bits, rows, row_length):
-            keep_zero, params = True, with_zero
-            row.reason += ", many values near 0: a grid with an exact 0"
+    if codec is codecs.uniform and not keep_zero:
+        # values near 0 (L1, sparse): a grid with 0 between two levels moves
+        # them all. Most values of the tensor so: every row gets an exact 0 level; else the
+        # rows where most of their own values are so (the live rows of an L1-trained layer,
+        # whose dead rows outnumber them), unless that would cost float16 parameters (an
+        # exact 0 needs float32 ones for the whole tensor: groups of 32 would pay 1 more bit
+        # per weight for a few rows)
+        if codec.zero_heavy(tensor, params, bits, rows, row_length):
+            heavy = torch.ones(rows, dtype=torch.bool)
+        elif decision.param_dtype == "float32" and rows > 1:
+            heavy = codec.zero_heavy_rows(tensor, params, bits, rows, row_length)
+        else:
+            heavy = torch.zeros(rows, dtype=torch.bool)
+        if bool(heavy.any()):
+            with_zero = codec.choose_params(tensor, bits, rows, row_length, keep_zero=True, **span)
+            with_zero = with_zero if bool(heavy.all()) else codec.with_zero_rows(params, with_zero, heavy)
+            if codec.zero_level_helps(tensor, params, with_zero, bits, rows, row_length):
+                keep_zero, params = True, with_zero
+                share = "" if bool(heavy.all()) else f" on {int(heavy.sum()):,} of {rows:,} rows"
+                row.reason += f", many values near 0: a grid with an exact 0{share}"
     param_dtype = "float32"
     stored_params = None
     if decision.param_dtype == "uint8" and codec is codecs.uniform and not keep_zero:
