@@ -145,12 +145,11 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
     span = {"span": decision.span} if decision.span != 1.0 and codec is codecs.uniform else {}
     params = codec.choose_params(tensor, bits, rows, row_length, keep_zero=keep_zero, **span)
     if codec is codecs.uniform and not keep_zero:
-        # values near 0 (L1, sparse): a grid with 0 between two levels moves
-        # them all. Most values of the tensor so: every row gets an exact 0 level; else the
-        # rows where most of their own values are so (the live rows of an L1-trained layer,
-        # whose dead rows outnumber them), unless that would cost float16 parameters (an
-        # exact 0 needs float32 ones for the whole tensor: groups of 32 would pay 1 more bit
-        # per weight for a few rows)
+        # values near 0 (L1, sparse): a grid with 0 between two levels moves them all. Most
+        # of the tensor's values so: every row gets an exact 0 level; else the rows most of
+        # whose own values are (the live rows of an L1-trained layer, outnumbered by its dead
+        # ones), unless that would cost float16 parameters (an exact 0 needs float32 ones for
+        # the whole tensor: groups of 32 would pay 1 more bit per weight for a few rows)
         if codec.zero_heavy(tensor, params, bits, rows, row_length):
             heavy = torch.ones(rows, dtype=torch.bool)
         elif decision.param_dtype == "float32" and rows > 1:
@@ -158,8 +157,8 @@ def encode_tensor(name: str, tensor: torch.Tensor, decision: Decision, *,
         else:
             heavy = torch.zeros(rows, dtype=torch.bool)
         if bool(heavy.any()):
-            with_zero = codec.choose_params(tensor, bits, rows, row_length, keep_zero=True, **span)
-            with_zero = with_zero if bool(heavy.all()) else codec.with_zero_rows(params, with_zero, heavy)
+            with_zero = codec.with_zero_rows(
+                params, codec.choose_params(tensor, bits, rows, row_length, keep_zero=True, **span), heavy)
             if codec.zero_level_helps(tensor, params, with_zero, bits, rows, row_length):
                 keep_zero, params = True, with_zero
                 share = "" if bool(heavy.all()) else f" on {int(heavy.sum()):,} of {rows:,} rows"

@@ -90,6 +90,16 @@ def _row_sample(tensor: torch.Tensor, rows: int, row_length: int | None) -> torc
     return view[:, ::max(1, view.numel() // _COMPARE_SAMPLE)].to(torch.float64)
 
 
+def _near_zero(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int, rows: int,
+               row_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which sampled values lie within half a step of 0, per row of a strided sample;
+    which rows' ranges hold 0 inside, where it is not already an end), on the grids ``params``."""
+    lo, hi = params["min"].to(torch.float64), params["max"].to(torch.float64)
+    sample = _row_sample(tensor, rows, row_length)
+    half_step = ((hi - lo) / ((1 << bits) - 1) / 2)[:, None]
+    return sample.abs() < half_step, (lo < 0) & (hi > 0)
+
+
 def zero_heavy_rows(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int, rows: int,
                     row_length: int | None) -> torch.Tensor:
     """Per row, whether more than ``ZERO_HEAVY`` of its values (of a strided sample) lie
@@ -102,25 +112,21 @@ def zero_heavy_rows(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits:
     live ones, whose bulk then sat half a step off 0 on every row: the seed CNN's fc1 at
     ``-b 4 -g channel`` had relative error 0.48 and lost 5-27 points.
     """
-    lo, hi = params["min"].to(torch.float64), params["max"].to(torch.float64)
     if bits < 2:
-        return torch.zeros(lo.numel(), dtype=torch.bool)  # two levels cannot hold 0 and both sides
-    sample = _row_sample(tensor, rows, row_length)
-    half_step = ((hi - lo) / ((1 << bits) - 1) / 2)[:, None]
-    share = (sample.abs() < half_step).to(torch.float64).mean(dim=1)
-    return (lo < 0) & (hi > 0) & (share > ZERO_HEAVY)
+        return torch.zeros(params["min"].numel(), dtype=torch.bool)  # two levels cannot hold 0 and both sides
+    near, inside = _near_zero(tensor, params, bits, rows, row_length)
+    return inside & (near.to(torch.float64).mean(dim=1) > ZERO_HEAVY)
 
 
 def zero_heavy(tensor: torch.Tensor, params: dict[str, torch.Tensor], bits: int, rows: int,
                row_length: int | None) -> bool:
     """Whether more than ``ZERO_HEAVY`` of the values (of a strided sample) lie within half a
     step of 0 (and 0 is not a level already), on the grids ``params`` give."""
-    lo, hi = params["min"].to(torch.float64), params["max"].to(torch.float64)
-    if bits < 2 or not bool(((lo < 0) & (hi > 0)).any()):
-        return False  # two levels cannot hold 0 and both sides; or 0 is an end of every grid already
-    sample = _row_sample(tensor, rows, row_length)
-    half_step = ((hi - lo) / ((1 << bits) - 1) / 2)[:, None]
-    return int((sample.abs() < half_step).sum()) > ZERO_HEAVY * sample.numel()
+    if bits < 2:
+        return False  # two levels cannot hold 0 and both sides
+    near, inside = _near_zero(tensor, params, bits, rows, row_length)
+    # 0 an end of every grid already: nothing to gain
+    return bool(inside.any()) and int(near.sum()) > ZERO_HEAVY * near.numel()
 
 
 def with_zero_rows(plain: dict[str, torch.Tensor], zero_grid: dict[str, torch.Tensor],
