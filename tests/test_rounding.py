@@ -169,3 +169,41 @@ def test_values_rounded_to_an_exact_zero_neither_count_nor_move():
     # with no 0 level, the four 3.2s' errors (-0.8 in all) count too: the sum is -1.7, two move
     counted = uniform.balanced(idx, position, 7, 8, 0, torch.full((8,), -1.0))
     assert int((counted != idx).sum()) == 2
+
+
+@pytest.mark.parametrize("segment, offset, top, zero_level", [(2048, 0, 15, None), (300, 120, 7, 3.0),
+                                                            (5000, 4600, 3, None), (33, 0, 3, 1.0)])
+def test_the_compiled_loop_moves_what_the_torch_code_moves(segment, offset, top, zero_level):
+    # tensors of MIN_ELEMENTS or more run compiled; the torch code is the reference. Random
+    # levels with errors all different (equal ones at a run's cut may go either way there),
+    # a seventh of the values exactly on their level, and a 0 level.
+    pytest.importorskip("numba")
+    from qpack.codecs.lookup import MIN_ELEMENTS
+
+    gen = torch.Generator().manual_seed(segment)
+    numel = MIN_ELEMENTS * 5 + 17
+    idx = torch.randint(0, top + 1, (numel,), generator=gen).to(torch.float32)
+    error = (torch.randperm(numel, generator=gen) + 1).to(torch.float64) / (numel + 2) - 0.5
+    error[: numel // 7] = 0.0
+    position = (idx.to(torch.float64) - error).to(torch.float32)
+    zero = torch.full((numel,), -1.0 if zero_level is None else zero_level)
+    before = idx.clone()
+    compiled = uniform.balanced(idx, position, top, segment, offset, zero)
+    reference = uniform.balanced_reference(idx, position, top, segment, offset, zero)
+    assert torch.equal(compiled, reference)
+    assert not torch.equal(compiled, idx)
+    assert torch.equal(idx, before)  # the input is left as it was
+
+
+def test_the_compiled_loop_breaks_ties_by_index():
+    # equal errors at the cut: of four candidates at +0.4 error, the two with the lowest
+    # index move (the torch code's topk may pick any two)
+    pytest.importorskip("numba")
+    from qpack.codecs.lookup import MIN_ELEMENTS
+
+    runs = MIN_ELEMENTS // 4
+    row = torch.tensor([1.6, 1.6, 1.6, 1.6], dtype=torch.float32)  # errors +0.4 x 4: sum 1.6, two move
+    position = row.repeat(runs)
+    idx = position.round()
+    moved = uniform.balanced(idx, position, 7, 4, 0, torch.full((position.numel(),), -1.0)).reshape(runs, 4)
+    assert torch.equal(moved, torch.tensor([1.0, 1.0, 2.0, 2.0]).expand(runs, 4))

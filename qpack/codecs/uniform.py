@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .lookup import affine, worth_a_kernel
+from ..jit import kernels
+from .lookup import MIN_ELEMENTS, affine, worth_a_kernel
 from .rows import as_rows, from_rows
 
 __all__ = ["BALANCED_MAX_BITS", "balanced", "choose_params", "quantize", "dequantize", "dequantize_with_step",
@@ -376,16 +377,32 @@ def balanced(idx: torch.Tensor, position: torch.Tensor, top: int, segment: int, 
     keeps or beats nearest rounding at 3-6 bits). Values exactly on a level (pruned zeros,
     retrained grids) and moves onto an exact 0 level are left alone too, so a pruning mask
     derived from the weights still holds.
+
+    With numba, tensors of ``MIN_ELEMENTS`` or more run compiled (``balance_jit``: the same
+    indices, except which of exactly equal errors at a run's cut moves, there the lower index).
     """
+    jit = kernels("qpack.codecs.balance_jit") if idx.numel() >= MIN_ELEMENTS else None
+    if jit is not None:
+        moved = idx.to(torch.float32, copy=True).contiguous()
+        jit.balance_into(moved.numpy(), position.to(torch.float32).contiguous().numpy(),
+                         zero.to(torch.float32).numpy(), top, segment, offset)
+        return moved
+    return balanced_reference(idx, position, top, segment, offset, zero)
+
+
+def balanced_reference(idx: torch.Tensor, position: torch.Tensor, top: int, segment: int, offset: int,
+                       zero: torch.Tensor) -> torch.Tensor:
+    """:func:`balanced` in torch operations (without numba, for small tensors, and the
+    reference the compiled loop is tested against)."""
     numel = idx.numel()
     if segment > numel and numel:
         # a block inside one or two long runs: each piece is balanced on its own (padding it
         # out to whole runs would allocate up to a run's length per block)
         cut = segment - offset
         if cut >= numel:
-            return balanced(idx, position, top, numel, 0, zero)
-        return torch.cat([balanced(idx[:cut], position[:cut], top, cut, 0, zero[:cut]),
-                          balanced(idx[cut:], position[cut:], top, numel - cut, 0, zero[cut:])])
+            return balanced_reference(idx, position, top, numel, 0, zero)
+        return torch.cat([balanced_reference(idx[:cut], position[:cut], top, cut, 0, zero[:cut]),
+                          balanced_reference(idx[cut:], position[cut:], top, numel - cut, 0, zero[cut:])])
     runs = -(-(offset + numel) // segment)
 
     def as_runs(flat: torch.Tensor, fill: float) -> torch.Tensor:
