@@ -691,24 +691,22 @@ def _confirmed(measured: _Measured, floor: float | None,
     fewer starts) until nothing is left to confirm; the answer is always a thorough solve's. Where it finds no solution, each tensor's
     allowed column of least field ``limited`` is encoded and it tries again, so that no
     limit is refused on a prediction. After ``_CONFIRM_ROUNDS`` rounds that encoded something
-    (the quick solves' last round, which finds nothing new, is not one) it encodes the
-    candidates near the last choice of the tensors whose choice moved and solves once among the
+    (the quick solves' last round, which finds nothing new, is not one) it solves once among the
     encoded columns alone; where that gives no all-encoded answer, every column of the tensors
     still unconfirmed is encoded. Returns the columns (None: no solution) and the mask they
     were solved with."""
     thorough = measured.settled  # nothing predicted, or the last call's answer was all confirmed: full solves
     last: _Columns | None = None
     confirming = 0  # rounds that encoded something (the switch to a thorough solve is not one)
-    moving: set[str] = set()  # tensors whose choice a later solve changed (those keep moving)
     for _ in range(2 * _CONFIRM_ROUNDS + 6):
         if confirming == _CONFIRM_ROUNDS:
             confirming += 1
             # still moving between near-equal predicted candidates (spans, k-means or uniform a
-            # few per cent apart): encode the candidates of about the size of the last choice
-            # (its competitors) of each tensor whose choice moved, and choose among the encoded
-            # ones; only if that fails is every column encoded
+            # few per cent apart): encode each tensor's candidates of about the size of the
+            # last choice (its competitors) and choose among the encoded ones; only if that
+            # fails is every column encoded
             if last is not None:
-                measured.confirm_near({name: column for name, column in last.items() if name in moving}, _NEAR_SIZE)
+                measured.confirm_near(last, _NEAR_SIZE)
             allowed = _apply_floor(measured.trials, floor)
             encoded = {name: [ok and t.exact for ok, t in zip(allowed[name], row)]
                        for name, row in measured.trials.items()}
@@ -726,8 +724,6 @@ def _confirmed(measured: _Measured, floor: float | None,
                 continue
         if columns is None:
             return columns, allowed
-        if last is not None:
-            moving.update(name for name, column in columns.items() if last.get(name) != column)
         last = columns
         if not measured.confirm(columns):
             if thorough:
