@@ -753,3 +753,27 @@ def test_the_pack_writes_the_allocations_encodings_as_it_would_encode_them(monke
     again = qpack.pack(state, tmp_path / "again.qpk", target_bpw=3.5)
     assert (tmp_path / "kept.qpk").read_bytes() == (tmp_path / "again.qpk").read_bytes()
     assert [r.reason for r in kept.tensors] == [r.reason for r in again.tensors]
+
+
+def test_a_few_rows_with_their_own_zero_level_leave_a_channel_grid_predicted():
+    # a row whose one outlier puts most of its values within half a step of 0 gets an exact 0
+    # level of its own; the estimate does not model that, but a few such rows (an embedding's
+    # rare outlier rows) move the tensor's size and error by less than their share, so its
+    # channel columns stay predicted; many such rows (an L1-trained layer's live rows) are
+    # encoded in full
+    from qpack.allocate import ZERO_HEAVY_ROW_SHARE, _zero_heavy_grids
+    from qpack.codecs import uniform
+
+    gen = torch.Generator().manual_seed(31)
+    rows = 400
+    w = torch.randn(rows, 256, generator=gen) * 0.02
+    few = w.clone()
+    few[:2, 0] = 5.0  # two rows of 400: each its own 0 level, 0.5 % of the rows
+    many = w.clone()
+    many[:40, 0] = 5.0  # 10 % of the rows
+    for tensor, count in ((few, 2), (many, 40)):
+        params = uniform.choose_params(tensor, 5, rows, None)
+        assert int(uniform.zero_heavy_rows(tensor, params, 5, rows, None).sum()) == count
+    assert 2 < ZERO_HEAVY_ROW_SHARE * rows <= 40
+    assert not _zero_heavy_grids(few, rows, 0) and _zero_heavy_grids(many, rows, 0)
+    assert not _zero_heavy_grids(w, rows, 0)
