@@ -691,7 +691,11 @@ def test_predicted_sizes_and_errors_follow_the_encoder():
     # the encoder gives their uniform grids an exact 0 level, which the estimate does not
     # model, so those columns are encoded in full; their k-means columns are predicted
     decision, candidates = Policy().decide("pruned.weight", state["pruned.weight"]), _candidates(Policy(), ("tensor",))
-    for name in state:
+    from qpack.allocate import ENCODE_BELOW
+
+    assert state["small.weight"].numel() < ENCODE_BELOW  # few values: encoded at every candidate
+    assert not _predictable(state["small.weight"], decision, candidates)
+    for name in (n for n in state if n != "small.weight"):
         assert _predictable(state[name], decision, candidates)
         found = _predicted(name, state[name], decision, candidates)
         methods = [setting[0] for setting in _columns(state[name], candidates)]
