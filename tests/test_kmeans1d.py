@@ -358,3 +358,27 @@ def test_assign_and_sse_errors() -> None:
         sse(np.array([np.inf]), book)
     assert assign(np.array([], dtype=np.float32), book).shape == (0,)
     assert sse(np.array([], dtype=np.float32), book) == 0.0
+
+
+def test_the_compiled_assignment_gives_the_same_indices() -> None:
+    # float arrays of _CHUNK values or more take kmeans1d_jit's one pass: the same answers on
+    # the hard cases (float64 ties, gaps hidden by rounding, repeated centroids, values far
+    # outside the codebook, a range too narrow for its bin table), and NaN still refused
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(9)
+    cases = [
+        (np.array([0.0, 1.0, 1.0, 1.0, 5.0]), np.array([1.0, 0.9, 1.2, 3.0, 6.0, 100.0, -3.0])),
+        (np.array([0.0, 1e-17, 2e-17, 1.0]), np.array([0.4, 1e20, -1e20, 0.5, 0.6, 1e-17])),
+        (np.array([-1e-300, 0.0, 1e-300]), np.array([0.0, 1e-300, -5e-301, 1.0, -1.0])),
+        (np.sort(rng.standard_t(2, 256)) * 0.02, rng.standard_t(2, 1000) * 0.02),
+        (np.sort(np.round(rng.normal(size=64), 1)), np.round(rng.normal(size=500), 2)),
+    ]
+    for book, values in cases:
+        tiled = np.resize(values, kmeans1d._CHUNK + 7)
+        assert np.array_equal(assign(tiled, book), _brute_assign(tiled, book))
+        assert np.array_equal(assign(tiled.astype(np.float32), book.astype(np.float32)),
+                              _brute_assign(tiled.astype(np.float32), book.astype(np.float32)))
+    bad = np.zeros(kmeans1d._CHUNK + 1)
+    bad[-1] = np.nan
+    with pytest.raises(ValueError):
+        assign(bad, np.array([0.0, 1.0]))
