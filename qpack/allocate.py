@@ -33,8 +33,9 @@ the second layer weighs twice a middle one. Measured on the zoo of bench_zoo.py
 (``tests/benchmarks/bench_layer_noise.py``: Gaussian noise of one relative size in one layer at
 a time, the increase of KL divergence from the fp32 outputs), the first layer was 1.2-9x as
 sensitive as the median middle layer on all nine MNIST networks, and the second 1.6-3.9x on
-seven of the eight with four or more layers (0.8x on the last one); deeper layers were at
-0.1-1.3x. ``predicted_error`` is the weighted RMS of
+six of the seven with four or more quantized tensors (0.8x on the Caffe LeNet; 24x on the
+character transformer, whose second is its position embedding); deeper layers were at
+0.1-1.3x, a ResNet's 1x1 shortcuts 2-4x. ``predicted_error`` is the weighted RMS of
 the per-layer relative errors, sqrt(E / sum_t w_t); ``--max-error`` bounds it.
 
 With ``sensitivity`` (from :func:`qpack.measure_sensitivity`: measured on data), the weight
