@@ -534,6 +534,25 @@ def cache_dir(option: str | None = None) -> Path:
     return Path(os.environ["QPACK_ZOO"]) if os.environ.get("QPACK_ZOO") else DEFAULT_CACHE
 
 
+def add_cache_arguments(parser: Any, only_help: str = "comma-separated zoo names (default all)") -> None:
+    """``--cache``, ``--data`` and ``--only``, as the scripts that read the cached zoo take them."""
+    parser.add_argument("--cache", default=None, help="the zoo's checkpoint folder (default $QPACK_ZOO or /work/zoo-cache)")
+    parser.add_argument("--data", default=str(DEFAULT_MNIST), help="MNIST folder (60 k + 10 k)")
+    parser.add_argument("--only", help=only_help)
+
+
+def cached_entries(cache: str | None, wanted: set[str] | None) -> tuple[Path, list[Entry]] | None:
+    """The cache folder and the zoo's entries named in ``wanted`` (None: all); None, after
+    an error line on stderr, when the cache lacks one of their checkpoints."""
+    folder = cache_dir(cache)
+    entries = [e for e in ZOO if wanted is None or e.name in wanted]
+    missing = [e.name for e in entries if not (folder / f"{e.name}.pt").is_file()]
+    if missing:
+        print(f"error: not in {folder}: {', '.join(missing)} (run bench_zoo.py --train-only)", file=sys.stderr)
+        return None
+    return folder, entries
+
+
 def load_checkpoint(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """``(state dict, its JSON)`` from the cache, or None when either file is missing or the recipe changed."""
     pt, meta_path = folder / f"{name}.pt", folder / f"{name}.json"

@@ -96,9 +96,7 @@ def format_table(results: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=None, help="the zoo's checkpoint folder (default $QPACK_ZOO or /work/zoo-cache)")
-    parser.add_argument("--data", default=str(_zoo.DEFAULT_MNIST), help="MNIST folder (60 k + 10 k)")
-    parser.add_argument("--only", help="comma-separated zoo names (default all)")
+    _zoo.add_cache_arguments(parser)
     parser.add_argument("--rel", type=float, default=0.1, help="relative RMS of the noise (default 0.1)")
     parser.add_argument("--draws", type=int, default=3, help="noise draws per layer (default 3)")
     parser.add_argument("--images", type=int, default=2000, help="MNIST test images scored (default 2000)")
@@ -107,13 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    folder = _zoo.cache_dir(args.cache)
-    wanted = None if args.only is None else set(args.only.split(","))
-    entries = [e for e in _zoo.ZOO if wanted is None or e.name in wanted]
-    missing = [e.name for e in entries if not (folder / f"{e.name}.pt").is_file()]
-    if missing:
-        print(f"error: not in {folder}: {', '.join(missing)} (run bench_zoo.py --train-only)", file=sys.stderr)
+    found = _zoo.cached_entries(args.cache, None if args.only is None else set(args.only.split(",")))
+    if found is None:
         return 2
+    folder, entries = found
     mnist = _zoo.load_mnist(args.data) if any(e.metric != "loss" for e in entries) else None
     text = _zoo.load_text() if any(e.metric == "loss" for e in entries) else None
     started = time.perf_counter()

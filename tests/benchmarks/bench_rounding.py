@@ -115,9 +115,7 @@ def format_table(results: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=None, help="the zoo's checkpoint folder (default $QPACK_ZOO or /work/zoo-cache)")
-    parser.add_argument("--data", default=str(_zoo.DEFAULT_MNIST), help="MNIST folder (60 k + 10 k)")
-    parser.add_argument("--only", help="comma-separated zoo names, or 'none' for the seed checkpoints alone")
+    _zoo.add_cache_arguments(parser, "comma-separated zoo names, or 'none' for the seed checkpoints alone")
     parser.add_argument("--seed-checkpoint", action="append", default=[], metavar="FP32.PT",
                         help="a seed CNN state dict (qpack demo's seed/fp32.pt); repeatable")
     parser.add_argument("--json", default="bench_rounding.json", help="where to write the rows")
@@ -126,13 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    folder = _zoo.cache_dir(args.cache)
-    wanted = None if args.only is None else set(args.only.split(",")) - {"none"}
-    entries = [e for e in _zoo.ZOO if wanted is None or e.name in wanted]
-    missing = [e.name for e in entries if not (folder / f"{e.name}.pt").is_file()]
-    if missing:
-        print(f"error: not in {folder}: {', '.join(missing)} (run bench_zoo.py --train-only)", file=sys.stderr)
+    found = _zoo.cached_entries(args.cache, None if args.only is None else set(args.only.split(",")) - {"none"})
+    if found is None:
         return 2
+    folder, entries = found
     mnist = _zoo.load_mnist(args.data)
     text = _zoo.load_text() if any(e.metric == "loss" for e in entries) else None
     results = []
