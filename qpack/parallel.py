@@ -65,21 +65,30 @@ def torch_threads(count: int) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *,
+                ahead: Callable[[T], int] | None = None, ahead_limit: int = 0) -> Iterator[R]:
     """``map(fn, items)`` on ``workers`` threads, results in order, at most ``workers`` in flight.
 
     Items are taken from ``items`` only as results are consumed, so a lazy source (a
     memory-mapped checkpoint, shards) never has more than a few tensors loaded at once.
+    With ``ahead``, more items are submitted while the ``ahead(item)`` of those in flight
+    sum to less than ``ahead_limit`` (bytes their results hold, say), so the workers run
+    ahead of a slow consumer by that much.
     """
-    if workers <= 1:
+    if workers <= 1 and ahead is None:
         with torch_threads(1):
             yield from map(fn, items)
         return
     with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future[R]] = deque()
+        pending: deque[tuple[Future[R], int]] = deque()
+        in_flight = 0
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= workers:
-                yield pending.popleft().result()
+            cost = ahead(item) if ahead is not None else 0
+            pending.append((pool.submit(fn, item), cost))
+            in_flight += cost
+            while pending and len(pending) >= workers and (ahead is None or in_flight >= ahead_limit):
+                future, cost = pending.popleft()
+                in_flight -= cost
+                yield future.result()
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()

@@ -8,6 +8,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +52,15 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if dctx is None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
     return dctx
+
+
+class Inflated(NamedTuple):
+    """A tensor's payload read, checked and decompressed (:meth:`QpkReader.inflate`)."""
+
+    entry: TensorEntry
+    #: the decompressed payload (uint8), or with ``unpacked`` the checked indices
+    data: torch.Tensor
+    unpacked: bool
 
 
 class QpkReader:
@@ -185,15 +195,38 @@ class QpkReader:
             source = self.tensor(entry.params["source"], device)
             with _allocation_failures_named(entry):
                 return codecs.derived.decode(source, dtype_from_name(entry.dtype), entry.params["rule"])
+        return self.finish(self.inflate(name, device), device)
+
+    def inflate(self, name: str, device: str | torch.device = "cpu") -> Inflated:
+        """The first half of :meth:`tensor`: read, checksum (R18) and decompress (R19) one
+        tensor's payload, and decode its rANS indices; :meth:`finish` builds the tensor.
+
+        The halves let a load decompress on helper threads while the calling thread
+        dequantizes into output it allocates itself (see ``qpack.load``). Derived tensors are
+        not inflated: use :meth:`tensor`.
+        """
+        device = torch.device(device)
+        entry = self.entry(name)
+        if entry.encoding == "derived":
+            raise InputError(f"tensor {name!r} is derived from {entry.params['source']!r}: decode it with tensor()")
         with _allocation_failures_named(entry):
             if entry.compression == "rans":
                 # the decoded indices go straight to dequantization: packing them only to unpack
                 # them again took more time than the decoding
                 indices = _rans_indices(entry, self._read_stored(entry), None if device.type == "cpu" else device)
                 check_indices(entry, indices)
-                return dequantize_indices(entry, indices, device)
+                return Inflated(entry, indices, unpacked=True)
             # only raw tensors can be views of their payload; the other decoders build new tensors
-            return decode_payload(entry, self._read_payload(name, writable=entry.encoding == "raw"), device)
+            return Inflated(entry, self._read_payload(name, writable=entry.encoding == "raw"), unpacked=False)
+
+    def finish(self, inflated: Inflated, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The second half of :meth:`tensor`: unpack (R20) and dequantize an inflated payload."""
+        device = torch.device(device)
+        entry = inflated.entry
+        with _allocation_failures_named(entry):
+            if inflated.unpacked:
+                return dequantize_indices(entry, inflated.data, device)
+            return decode_payload(entry, inflated.data, device)
 
     def check(self, name: str) -> None:
         """Check one tensor's payload as decoding it would (R18-R20), without keeping it.

@@ -5,11 +5,14 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
 import torch
 from test_reader_rules import write_sample
 
 import qpack
-from qpack import QpkReader
+from qpack import QpkReader, api
+from qpack.errors import FormatError
+from qpack.parallel import ordered_map
 
 
 def as_bytes(tensor: torch.Tensor) -> tuple:
@@ -82,3 +85,48 @@ def test_allocation_is_the_same_on_one_or_several_trial_workers(tmp_path, monkey
         qpack.pack(state, path, target_bpw=3.5, allocate_granularity="tensor,channel")
         files.append(path.read_bytes())
     assert files[0] == files[1]
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    """The 2-3 core case, whatever this machine has: one default worker, a second core."""
+    monkeypatch.setattr(api, "default_workers", lambda limit=8: 1)
+    monkeypatch.setattr(api.os, "cpu_count", lambda: 2)
+
+
+def test_default_load_inflates_on_helpers_and_gives_what_tensor_gives(tmp_path, two_cores, monkeypatch):
+    expected = write_sample(tmp_path / "s.qpk", version=3)
+    inflated = []
+    original = QpkReader.inflate
+    monkeypatch.setattr(QpkReader, "inflate", lambda self, name, device="cpu": inflated.append(name) or original(self, name, device))
+    loaded = qpack.load(tmp_path / "s.qpk")
+    with QpkReader(tmp_path / "s.qpk") as reader:
+        stored = [n for n in reader if reader.entry(n).encoding != "derived"]
+        assert sorted(inflated) == sorted(stored)  # every stored tensor took the helpers' path
+        assert list(loaded) == reader.keys() == list(expected)
+        assert all(as_bytes(loaded[n]) == as_bytes(reader.tensor(n)) for n in reader)
+
+
+def test_default_load_reports_a_corrupted_payload(tmp_path, two_cores):
+    gen = torch.Generator().manual_seed(5)
+    qpack.pack({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(6)}, tmp_path / "m.qpk", bits=8)
+    data = bytearray((tmp_path / "m.qpk").read_bytes())
+    data[-100] ^= 0xFF  # inside the last payload
+    (tmp_path / "bad.qpk").write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="checksum"):
+        qpack.load(tmp_path / "bad.qpk")
+
+
+def test_ordered_map_runs_ahead_by_at_most_its_limit():
+    taken = []
+
+    def items():
+        for i in range(40):
+            taken.append(i)
+            yield i
+
+    for i, result in enumerate(ordered_map(lambda x: x * x, items(), 2, ahead=lambda x: 10, ahead_limit=35)):
+        assert result == i * i
+        # submitted and not yet consumed: enough to reach the limit, and one more at most
+        assert len(taken) - i <= 5
+    assert taken == list(range(40))
