@@ -76,7 +76,7 @@ from .dtypes import name_of_dtype
 from .encoder import UNIQUE_LIMIT, count_distinct, encode_tensor
 from .errors import InputError
 from .format import TensorEntry, align, expected_raw_length, layout_offsets, parameter_rows
-from .parallel import ordered_map, trial_workers
+from .parallel import map_all, trial_workers
 from .policy import Decision, Policy, granularity_for, parse_granularity
 from .writer import planned_file_bytes
 
@@ -173,6 +173,8 @@ class _Measured:
     #: quantized tensor -> setting -> (decision, entry, payload, report row) of confirmations
     kept: dict[str, dict[_Setting, Any]] = field(default_factory=dict)
     kept_bytes: int = 0
+    #: quantized tensor -> its element count (the order confirmations are started in)
+    sizes: dict[str, int] = field(default_factory=dict)
 
     def confirm(self, columns: Mapping[str, int]) -> bool:
         """Encode the given columns where they are predicted, and put what they really cost
@@ -190,7 +192,8 @@ class _Measured:
             return _encoded(name, tensor, self.decisions[name], self.settings[name][column], self.distinct[name],
                             keep), keep
 
-        for (name, column), (done, keep) in zip(todo, ordered_map(encode, todo, min(trial_workers(4), len(todo)))):
+        results = map_all(encode, todo, trial_workers(4), lambda item: self.sizes.get(item[0], 0))
+        for (name, column), (done, keep) in zip(todo, results):
             assert done is not None, "a predicted tensor is finite"
             trial, rel = done
             if self.kept_bytes + len(keep[0][2]) <= KEEP_BYTES:  # for the pack to write as it is
@@ -403,11 +406,12 @@ def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: M
              granularities: tuple[str, ...]) -> _Measured:
     """Measure each quantized tensor at every candidate (predicted, or with ``PREDICT`` False
     or where the prediction does not apply, encoded in full); encode the rest once.
-    Tensors are measured on a few threads (qpack.parallel), in file order."""
+    Tensors are measured on a few threads (qpack.parallel), all queued at once so that a large
+    one does not hold the others back; each is read when its turn comes."""
     candidates = _candidates(policy, granularities)
 
-    def measure(item: tuple[str, torch.Tensor]) -> tuple[str, int, TensorEntry | tuple[Decision, list[Any], list[_Setting]]]:
-        name, tensor = item
+    def measure(name: str) -> tuple[str, int, TensorEntry | tuple[Decision, list[Any], list[_Setting]]]:
+        tensor = tensors[name]
         decision = policy.decide(name, tensor)
         found = None
         if decision.encoding != "raw":
@@ -427,7 +431,7 @@ def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: M
     settings: dict[str, list[_Setting]] = {}
     sizes: dict[str, int] = {}
     elements = 0
-    for name, numel, done in ordered_map(measure, tensors.items(), min(trial_workers(4), max(len(tensors), 1))):
+    for name, numel, done in map_all(measure, list(tensors), trial_workers(4)):
         elements += numel
         if isinstance(done, TensorEntry):
             entries.append(done)
@@ -441,7 +445,8 @@ def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: M
     weights = layer_weights(sizes, sensitivity)
     for name, row in trials.items():
         trials[name] = [t._replace(cost=r * r * weights[name]) for t, r in zip(row, rel[name])]
-    return _Measured(trials, weights, entries, elements, tensors, decisions, settings, settled=not settings)
+    return _Measured(trials, weights, entries, elements, tensors, decisions, settings, settled=not settings,
+                     sizes=sizes)
 
 
 def _candidates(policy: Policy, granularities: tuple[str, ...]) -> tuple[tuple[str, str], ...]:

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["default_workers", "trial_workers", "torch_threads", "ordered_map"]
+__all__ = ["default_workers", "trial_workers", "torch_threads", "ordered_map", "map_all"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -92,3 +92,22 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *,
                 yield future.result()
         while pending:
             yield pending.popleft()[0].result()
+
+
+def map_all(fn: Callable[[T], R], items: list[T], workers: int, cost: Callable[[T], int] | None = None) -> list[R]:
+    """``[fn(item) for item in items]`` on ``workers`` threads, every item submitted at once,
+    the costliest first.
+
+    For work whose inputs are all at hand and whose results are kept (the allocation's
+    confirmations): ``ordered_map`` keeps at most ``workers`` in flight, so one large tensor
+    at the head of the queue leaves the other workers idle once the small ones behind it
+    are done; starting the largest first (longest-processing-time order) keeps every worker
+    busy until the last few small items.
+    """
+    if workers <= 1 or len(items) <= 1:
+        with torch_threads(1):
+            return [fn(item) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
+    with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {i: pool.submit(fn, items[i]) for i in order}
+        return [futures[i].result() for i in range(len(items))]

@@ -12,7 +12,7 @@ from test_reader_rules import write_sample
 import qpack
 from qpack import QpkReader, api
 from qpack.errors import FormatError
-from qpack.parallel import ordered_map
+from qpack.parallel import map_all, ordered_map
 
 
 def as_bytes(tensor: torch.Tensor) -> tuple:
@@ -130,3 +130,29 @@ def test_ordered_map_runs_ahead_by_at_most_its_limit():
         # submitted and not yet consumed: enough to reach the limit, and one more at most
         assert len(taken) - i <= 5
     assert taken == list(range(40))
+
+
+def test_map_all_starts_the_costliest_first_and_returns_in_order():
+    started = []
+    lock = threading.Lock()
+
+    def square(x: int) -> int:
+        with lock:
+            started.append(x)
+        return x * x
+
+    items = [3, 50, 7, 20, 1, 9]
+    assert map_all(square, items, 2, cost=lambda x: x) == [x * x for x in items]
+    # two workers take the two costliest before anything else starts
+    assert set(started[:2]) == {50, 20} and sorted(started) == sorted(items)
+    assert map_all(square, items, 1) == [x * x for x in items]
+
+
+def test_map_all_raises_what_a_worker_raised():
+    def fail_on_four(x: int) -> int:
+        if x == 4:
+            raise ValueError("four")
+        return x
+
+    with pytest.raises(ValueError, match="four"):
+        map_all(fail_on_four, list(range(8)), 2)
