@@ -34,6 +34,7 @@ from . import rans
 from .bitpack import packed_size
 from .encoder import RANS_MIN_SAVING
 from .format import align
+from .jit import kernels
 
 __all__ = ["EXACT_LIMIT", "KMEANS_EXACT_LIMIT", "BINS", "Statistics", "statistics", "uniform", "kmeans", "rans_sizes",
            "stored_sizes", "relative_error"]
@@ -123,17 +124,27 @@ def statistics(tensor: torch.Tensor, rows: int, row_length: int | None,
     pieces = ([(0, 1, start, min(numel, start + BLOCK_ELEMENTS)) for start in range(0, numel, BLOCK_ELEMENTS)]
               if rows == 1 else [(r, min(rows, r + per), r * length, min(numel, (r + per) * length))
                                  for r in range(0, rows, per)])
+    jit = kernels("qpack.estimate_jit")
     for first, last, start, end in pieces:
         if rows == 1:
             part = flat_view[start:end].to(torch.float32).numpy()
-            bins = ((part - low[0]) * scale[0]).astype(np.uint16)
         else:
             padded = view[first:last].to(torch.float32).numpy()
             part = padded.reshape(-1)[:end - start]
+        if jit is not None:  # one pass, no temporaries; the same bins and sums as below
+            block_count, block_weight = np.zeros(BINS, dtype=np.int64), np.zeros(BINS if rows > 1 else 0)
+            jit.bin_rows(np.ascontiguousarray(part), end - start, end - start if rows == 1 else length,
+                         low[first:last], scale[first:last], square[first:last], block_count, block_weight)
+            count += block_count
+            if rows > 1:
+                weight += block_weight
+        elif rows == 1:
+            count += np.bincount(((part - low[0]) * scale[0]).astype(np.uint16), minlength=BINS)
+        else:
             bins = ((padded - low[first:last, None]) * scale[first:last, None]).reshape(-1)[:end - start]
             bins = bins.astype(np.uint16)
             weight += np.bincount(bins, weights=np.repeat(square[first:last], length)[:end - start], minlength=BINS)
-        count += np.bincount(bins, minlength=BINS)
+            count += np.bincount(bins, minlength=BINS)
         wide = part.astype(np.float64)
         signal += float(np.dot(wide, wide))
     count[0] -= constant
@@ -248,11 +259,14 @@ def rans_sizes(numel: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 8 + 2 * alphabet + 4 * lanes + 2 * np.ceil(bits / 16).astype(np.int64), bits
 
 
-#: zstd's size of indices over their entropy. Measured on the zoo's trained weights: 1.00-1.02
-#: for Huffman-friendly containers (1 bit, 4 bits in nibbles, 6-8 in bytes), more (up to 1.28)
-#: for 2, 3 and 5 bits, where rANS is then chosen. One value for every width chose as well as
-#: the exhaustive search on the zoo and on bench_allocate's tensors (per-width medians, or a
-#: zstd sample of each tensor, did worse: up to 0.07 dB of the objective)
+#: zstd's size of indices over their entropy. Measured on the zoo's trained weights at
+#: zstd level 3: 1.00-1.02 for Huffman-friendly containers (1 bit, 4 bits in nibbles, 6-8 in
+#: bytes), more (up to 1.28) for 2, 3 and 5 bits, where rANS is then chosen. One value for every
+#: width chose as well as the exhaustive search on the zoo and on bench_allocate's tensors
+#: (per-width medians, or a zstd sample of each tensor, did worse: up to 0.07 dB of the
+#: objective). Indices are now coded at level 1 (encoder.INDEX_ZSTD_LEVEL), which comes to
+#: 1.004-1.011 on bench_formats' tensors in byte containers, where level 3 reached 1.12: the
+#: predictions miss by less, and the allocation confirms fewer rounds
 ZSTD_OVER_ENTROPY = dict.fromkeys(range(1, 17), 1.01)
 ZSTD_FRAMING = 32
 
