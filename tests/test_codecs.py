@@ -268,3 +268,27 @@ def test_lookup_dequantization_matches_the_torch_path_bit_for_bit(monkeypatch, b
     for a, b in zip(fast, reference):
         assert a.dtype == b.dtype == dtype and torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
                                                             b.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+@pytest.mark.parametrize("share_zero", [0.0, 0.6])
+def test_indices_are_zstd_coded_at_the_smaller_of_the_levels_tried(share_zero):
+    """Dense indices: level 1, close to their entropy (level 3's chance matches cost more);
+    indices with long runs (most of them one value): never larger than level 3's frame."""
+    import zstandard
+
+    from qpack import encoder
+
+    gen = np.random.default_rng(3)
+    # 5-bit indices of Gaussian weights on a grid 1.19x their range, as the allocation tries
+    indices = np.clip(np.rint(gen.normal(15.5, 4.0, size=1 << 18)), 0, 31).astype(np.uint8)
+    indices[gen.random(indices.size) < share_zero] = 0
+    histogram = np.bincount(indices, minlength=32)
+    width, compression, stored = encoder._store_indices(torch.from_numpy(indices), 5, histogram, "never")
+    assert (width, compression) == (8, "zstd")
+    level3 = len(zstandard.ZstdCompressor(level=3).compress(indices.tobytes()))
+    assert len(stored) <= level3
+    if share_zero == 0:
+        p = histogram[histogram > 0] / indices.size
+        entropy_bytes = -(p * np.log2(p)).sum() * indices.size / 8
+        assert len(stored) <= 1.02 * entropy_bytes < level3
+    assert zstandard.ZstdDecompressor().decompress(bytes(stored)) == indices.tobytes()

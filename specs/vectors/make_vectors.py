@@ -79,7 +79,7 @@ def vector_inputs() -> dict[str, dict]:
         # rANS (section 4.1) in a version-3 file, float32 min/max, a compressed header
         "v3_uniform_b5_rans": ({"w": torch.distributions.Laplace(0.0, 0.02).sample((48, 64)),
                                 "w.bias": 0.1 * torch.randn(48, generator=gen)},
-                               {"bits": 5, "min_numel": 1, **nearest}),
+                               {"bits": 5, "min_numel": 1, "rans": "always", **nearest}),
         # two-level parameters: 8-bit min/max codes under a float32 base (3.2)
         "v3_uniform_group32_b4_u8": ({"w": 0.05 * torch.randn(8, 36, generator=gen)},
                                      {"bits": 4, "granularity": "group:32", "param_dtype": "uint8",
