@@ -135,10 +135,14 @@ def test_ordered_map_runs_ahead_by_at_most_its_limit():
 def test_map_all_starts_the_costliest_first_and_returns_in_order():
     started = []
     lock = threading.Lock()
+    both_busy = threading.Barrier(2, timeout=30)  # the first two items wait for each other
 
     def square(x: int) -> int:
         with lock:
             started.append(x)
+            first_two = len(started) <= 2
+        if first_two:
+            both_busy.wait()
         return x * x
 
     items = [3, 50, 7, 20, 1, 9]
