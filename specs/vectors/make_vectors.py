@@ -19,6 +19,7 @@ every file without one).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import sys
@@ -31,6 +32,10 @@ import torch
 import zstandard
 
 HERE = Path(__file__).resolve().parent
+#: decoded values of up to this many bytes are written into expected.json in hex; longer ones
+#: as their length, SHA-256 and first bytes, so that the file stays small: the .qpk files
+#: hold the data, and a failing check still shows where the values start to differ
+VALUES_INLINE_BYTES = 2048
 
 
 def v4_masks() -> dict[str, torch.Tensor]:
@@ -302,12 +307,30 @@ def spec_derive(entry: dict, source: dict) -> bytes:
     is 0, NaN is not), else 0, in the entry's dtype; from the source's expected bytes."""
     assert entry["params"]["rule"] == "nonzero" and source["encoding"] != "derived"
     assert list(entry["shape"]) == source["shape"]
+    assert "value_bytes_hex" in source, "a derived tensor's source is given inline (VALUES_INLINE_BYTES)"
     raw = bytes.fromhex(source["value_bytes_hex"])
     kind = getattr(torch, source["dtype"])
     values = torch.frombuffer(bytearray(raw), dtype=kind) if raw else torch.empty(0, dtype=kind)
     ones = (values.to(torch.float64) != 0).numpy()
     target = getattr(torch, entry["dtype"])
     return torch.from_numpy(ones).to(target).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def value_record(values: bytes) -> dict:
+    """How ``expected.json`` gives a tensor's decoded bytes: in hex, or (longer than
+    :data:`VALUES_INLINE_BYTES`) as their length, SHA-256 and first 64 bytes."""
+    if len(values) <= VALUES_INLINE_BYTES:
+        return {"value_bytes_hex": values.hex()}
+    return {"value_bytes": len(values), "value_bytes_sha256": hashlib.sha256(values).hexdigest(),
+            "value_bytes_head_hex": values[:64].hex()}
+
+
+def compact(record: dict) -> dict:
+    """A record with long inline values in :func:`value_record`'s form (older files' records)."""
+    if "value_bytes_hex" not in record:
+        return record
+    rest = {k: v for k, v in record.items() if k != "value_bytes_hex"}
+    return {**rest, **value_record(bytes.fromhex(record["value_bytes_hex"]))}
 
 
 def expected_for(name: str, state: dict, path: Path) -> dict:
@@ -333,7 +356,7 @@ def expected_for(name: str, state: dict, path: Path) -> dict:
         if entry["encoding"] == "raw":
             values = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
             assert packed == values, f"{name}/{key}: the spec's decoding of the payload is not the tensor"
-            record["value_bytes_hex"] = values.hex()
+            record.update(value_record(values))
         elif entry["encoding"] == "uniform":
             rebuilt, q, lo, hi, stored_params = spec_uniform_params(tensor.float().numpy(), entry["bits"], _rows(entry),
                                                      entry["group_size"] if entry["granularity"] == "group" else 0,
@@ -343,7 +366,7 @@ def expected_for(name: str, state: dict, path: Path) -> dict:
             assert entry["params"] == stored_params, f"{name}/{key}: stored parameters differ from the spec's"
             final = torch.from_numpy(rebuilt.reshape(shape)).to(tensor.dtype)
             record["payload_hex"] = spec_pack(q, entry["width"]).hex()
-            record["value_bytes_hex"] = final.contiguous().view(torch.uint8).numpy().tobytes().hex()
+            record.update(value_record(final.contiguous().view(torch.uint8).numpy().tobytes()))
             if version >= 3:
                 record["params_hex"] = {k: v.hex() for k, v in entry["params"].items()}
         else:  # kmeans: the codebook is the writer's choice; decoding follows the spec
@@ -352,7 +375,8 @@ def expected_for(name: str, state: dict, path: Path) -> dict:
             values = spec_kmeans_decode(book, packed, entry["width"], numel, _rows(entry), size,
                                         entry["group_size"] or None)
             record["codebook"] = book.tolist()
-            record["value_bytes_hex"] = torch.from_numpy(values.reshape(shape).astype(np.float32)).to(tensor.dtype).view(torch.uint8).numpy().tobytes().hex()
+            record.update(value_record(torch.from_numpy(values.reshape(shape).astype(np.float32)).to(tensor.dtype)
+                                        .view(torch.uint8).numpy().tobytes()))
         out[key] = record
     for (key, tensor), entry in zip(state.items(), entries):
         if entry["encoding"] == "derived":
@@ -362,7 +386,7 @@ def expected_for(name: str, state: dict, path: Path) -> dict:
             out[key] = {"dtype": entry["dtype"], "shape": list(entry["shape"]), "encoding": "derived",
                         "version": version, "header_compressed": compressed_header, "compression": "none",
                         "param_dtype": "float32", "source": entry["params"]["source"],
-                        "value_bytes_hex": values.hex()}
+                        **value_record(values)}
     return out
 
 
@@ -371,7 +395,10 @@ def main() -> int:
     import qpack
 
     previous = json.loads((HERE / "expected.json").read_text())
-    expected = {name: previous[name] for name in legacy_inputs()}  # never rewritten
+    # older vectors' files are never rewritten; their records only take the compact form
+    expected = {name: {**previous[name], "tensors": {key: compact(record) for key, record
+                                                      in previous[name]["tensors"].items()}}
+                for name in legacy_inputs()}
     for name, (state, options) in vector_inputs().items():
         path = HERE / f"{name}.qpk"
         qpack.pack(state, path, force=True, **options)
