@@ -74,6 +74,12 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *,
     With ``ahead``, more items are submitted while the ``ahead(item)`` of those in flight
     sum to less than ``ahead_limit`` (bytes their results hold, say), so the workers run
     ahead of a slow consumer by that much.
+
+    A consumer that may stop early (an error) must close the generator itself, e.g. with
+    ``contextlib.closing``: one left to the garbage collector joins its workers wherever the
+    collector happens to run, and that deadlocked the test suite once, inside threading's own
+    bookkeeping while a new thread started (Thread.start waiting on a thread whose bootstrap,
+    holding threading's shutdown lock, was joining this pool).
     """
     if workers <= 1 and ahead is None:
         with torch_threads(1):

@@ -117,6 +117,47 @@ def test_default_load_reports_a_corrupted_payload(tmp_path, two_cores):
         qpack.load(tmp_path / "bad.qpk")
 
 
+def pool_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(count: int):
+    """A progress callback that raises at the ``count``-th tensor, as Ctrl-C would."""
+    def progress(name: str, done: int, total: int) -> None:
+        if done == count:
+            raise Interrupted(name)
+    return progress
+
+
+@pytest.mark.parametrize("threads", [None, 2])
+def test_a_load_stopped_midway_stops_its_workers_before_it_returns(tmp_path, two_cores, threads):
+    """The consumer raises (here the progress callback, as Ctrl-C would): no worker is left
+    for the garbage collector to join later (finalized at a bad moment, that deadlocked the
+    suite)."""
+    gen = torch.Generator().manual_seed(6)
+    qpack.pack({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(8)}, tmp_path / "m.qpk", bits=8)
+    before = pool_threads()
+    with pytest.raises(Interrupted) as raised:
+        qpack.load(tmp_path / "m.qpk", threads=threads, progress=interrupt_at(2))
+    assert raised.value.__traceback__ is not None  # the frames stay referenced, as a caller's would
+    assert pool_threads() <= before
+
+
+def test_a_pack_stopped_midway_stops_its_workers_and_leaves_no_file(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    state = {f"w{i}": torch.randn(64, 64, generator=gen) for i in range(8)}
+    before = pool_threads()
+    with pytest.raises(Interrupted) as raised:
+        qpack.pack(state, tmp_path / "m.qpk", bits=8, threads=2, progress=interrupt_at(2))
+    assert raised.value.__traceback__ is not None
+    assert pool_threads() <= before
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ordered_map_runs_ahead_by_at_most_its_limit():
     taken = []
 
