@@ -69,8 +69,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import _zoo  # noqa: E402
-from _zoo import (ZOO, Entry, build, cache_dir, evaluate, evaluate_images, load_checkpoint, load_mnist,  # noqa: E402
-                  load_text)
+from _zoo import (ZOO, Entry, build, cache_dir, evaluate, kl_divergence, load_checkpoint,  # noqa: E402
+                  load_mnist, load_text, log_probabilities)
 
 __all__ = ["evaluate", "load_mnist", "load_text", "load_zoo", "main", "text_eval", "write_cache_readme"]
 
@@ -216,12 +216,16 @@ def bench_network(entry: Entry, state: dict[str, torch.Tensor], meta: dict[str, 
     elements = element_count(state)
     rows: list[dict[str, Any]] = []
     answers: dict[str, np.ndarray] = {}  # setting -> right/wrong per test image (MNIST networks)
+    fidelity: dict[str, float] = {}  # setting -> mean KL(fp32 || file) over the test images, nats
+    reference: list[np.ndarray] = []  # fp32's log-probabilities
 
     def score(loaded: dict[str, torch.Tensor]) -> float:
         if entry.metric != "accuracy":
             return evaluate(entry.arch, loaded, data)
-        right = evaluate_images(entry.arch, loaded, data)
-        answers[pending[0]] = right
+        logp = log_probabilities(entry.arch, loaded, data[0])
+        reference[:] = reference or [logp]
+        right = logp.argmax(1) == data[1].numpy()
+        answers[pending[0]], fidelity[pending[0]] = right, kl_divergence(reference[0], logp)
         return float(right.sum()) / len(right)
 
     pending = [""]  # the setting being scored
@@ -233,10 +237,13 @@ def bench_network(entry: Entry, state: dict[str, torch.Tensor], meta: dict[str, 
                "metric": metric, "seconds": round(seconds, 2), **extra}
         if metric is not None and rows:
             row["drop"] = drop(entry, rows[0]["metric"], metric)
+        if metric is not None and label in fidelity:
+            row["kl"] = fidelity[label]
         rows.append(row)
         shown = "refused" if metric is None else (f"{100 * metric:.2f} %" if entry.metric == "accuracy" else f"{metric:.4f}")
         bpw = "" if size is None else f"{row['bits_per_weight']:.3f} bpw, "
-        log(f"  {entry.name}: {label}: {bpw}{shown} ({seconds:.1f} s){' ' + extra['error'] if 'error' in extra else ''}")
+        kl = f", KL {row['kl']:.2e}" if "kl" in row else ""
+        log(f"  {entry.name}: {label}: {bpw}{shown}{kl} ({seconds:.1f} s){' ' + extra['error'] if 'error' in extra else ''}")
         return row
 
     started = time.perf_counter()
@@ -306,7 +313,9 @@ def checks(entry: Entry, rows: list[dict[str, Any]], answers: dict[str, np.ndarr
     With ``answers`` (right/wrong per test image, per setting), each comparison of two files
     also gets a paired check: the allocation is "not worse beyond noise" when it is as good,
     or McNemar's exact p on the images the two disagree on is at least 0.05 (a difference of
-    a few images out of 10,000 is not a loss the data can show).
+    a few images out of 10,000 is not a loss the data can show). Rows with ``kl`` (mean
+    KL(fp32 || file) over the test images) get a third: the allocation's answers are at least
+    as close to fp32's as those of the closest fixed setting that fits (of Q4_0, at its size).
     """
     from qpack.demo.stats import ALPHA, mcnemar_exact_p
 
@@ -324,6 +333,15 @@ def checks(entry: Entry, rows: list[dict[str, Any]], answers: dict[str, np.ndarr
         p = mcnemar_exact_p(lost, gained)
         check(f"{name}, beyond noise", gained >= lost or p >= ALPHA,
               f"{ours['setting']} vs {other['setting']}: {lost} images lost, {gained} gained, McNemar p {p:.2g}")
+
+    def faithful(name: str, ours: dict[str, Any], others: Sequence[dict[str, Any]]) -> None:
+        # the MNIST networks' answers on every test image, not only the few that flip
+        scored = [r for r in others if "kl" in r]
+        if "kl" not in ours or not scored:
+            return
+        closest = min(scored, key=lambda r: r["kl"])
+        check(f"{name}, by KL to fp32", ours["kl"] <= closest["kl"],
+              f"{ours['setting']} KL {ours['kl']:.3g} vs {closest['setting']} {closest['kl']:.3g} nats")
 
     def dropped(label: str) -> float | None:
         row = by.get(label)
@@ -348,6 +366,7 @@ def checks(entry: Entry, rows: list[dict[str, Any]], answers: dict[str, np.ndarr
               f"{at['setting']}: {at['bits_per_weight']:.3f} bpw {at['drop']:+.3g} {unit}; "
               f"Q4_0 {q4['bits_per_weight']:.3f} bpw {q4['drop']:+.3g} {unit}")
         paired("qpack at Q4_0's bpw <= Q4_0's drop", at, q4)
+        faithful("qpack at Q4_0's bpw <= Q4_0's drop", at, [q4])
     fixed = [r for r in rows if r["kind"] == "qpack" and "target_bpw" not in r["options"] and r["metric"] is not None]
     for x in (3, 4, 5):
         row = by[f"--target-bpw {x}"]
@@ -363,6 +382,7 @@ def checks(entry: Entry, rows: list[dict[str, Any]], answers: dict[str, np.ndarr
                   f"{row['bits_per_weight']:.3f} bpw {row['drop']:+.3g} {unit} vs {best['setting']} "
                   f"{best['bits_per_weight']:.3f} bpw {best['drop']:+.3g} {unit}")
             paired(name, row, best)
+            faithful(name, row, fits)
     return out
 
 
@@ -372,15 +392,16 @@ def format_network(result: dict[str, Any]) -> list[str]:
     """One network's table and its checks."""
     loss = result["metric"] == "loss"
     head = ("setting", "file bytes", "bits/weight", "test loss" if loss else "accuracy %",
-            "rise (nats)" if loss else "drop (pp)")
+            "rise (nats)" if loss else "drop (pp)", "KL to fp32")
     cells = []
     for i, r in enumerate(result["rows"]):
         if r["metric"] is None:
-            cells.append((r["setting"], "-", "-", "refused", ""))
+            cells.append((r["setting"], "-", "-", "refused", "", ""))
             continue
         value = f"{r['metric']:.4f}" if loss else f"{100 * r['metric']:.2f}"
         change = "" if i == 0 else (f"{r['drop']:+.4f}" if loss else f"{r['drop']:+.2f}")
-        cells.append((r["setting"], f"{r['file_bytes']:,}", f"{r['bits_per_weight']:.3f}", value, change))
+        kl = f"{r['kl']:.2e}" if i and "kl" in r else ""
+        cells.append((r["setting"], f"{r['file_bytes']:,}", f"{r['bits_per_weight']:.3f}", value, change, kl))
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
 
     def line(parts: Sequence[str]) -> str:
@@ -415,7 +436,9 @@ def format_summary(results: list[dict[str, Any]]) -> list[str]:
     lines = []
     for title, cell in (("bits per weight (whole file)", lambda r, res: f"{r['bits_per_weight']:.2f}"),
                         ("drop vs fp32 (accuracy points; transformer: nats/char)",
-                         lambda r, res: f"{r['drop']:+.{3 if res['metric'] == 'loss' else 2}f}")):
+                         lambda r, res: f"{r['drop']:+.{3 if res['metric'] == 'loss' else 2}f}"),
+                        ("KL(fp32 || file) over the test images, 1e-4 nats (MNIST networks)",
+                         lambda r, res: f"{1e4 * r['kl']:.2f}" if "kl" in r else "-")):
         rows = [[res["name"], *("refused" if r["metric"] is None else cell(r, res) for r in res["rows"][1:])]
                 for res in results]
         widths = [width, *(max(len(h), *(len(row[i + 1]) for row in rows)) for i, h in enumerate(settings))]
@@ -457,6 +480,12 @@ def format_markdown(results: list[dict[str, Any]]) -> list[str]:
                  f"{r['bits_per_weight']:.2f} / {r['drop']:+.{3 if res['metric'] == 'loss' else 2}f}"
                  for r in res["rows"][1:]]
         lines.append(f"| {res['name']} ({ref}) | " + " | ".join(cells) + " |")
+    faithful = [res for res in results if any("kl" in r for r in res["rows"][1:])]
+    if faithful:
+        lines += ["", "KL(fp32 || file), mean over the test images, in 1e-4 nats:", "",
+                  "| network | " + " | ".join(settings) + " |", "| --- |" + " ---: |" * len(settings)]
+        lines += [f"| {res['name']} | " + " | ".join(f"{1e4 * r['kl']:.2f}" if "kl" in r else "-"
+                                                    for r in res["rows"][1:]) + " |" for res in faithful]
     return lines
 
 
