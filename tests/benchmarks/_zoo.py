@@ -210,6 +210,30 @@ class ResNet14(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class MobileNetDW(nn.Module):
+    """A MobileNet-v1 style CNN: a 3x3 stem, four depthwise-separable blocks (3x3 depthwise
+    conv-BN-ReLU6, 1x1 pointwise conv-BN-ReLU6; 16-32-64-64-128, two of stride 2), global
+    average, fc 128-10. Depthwise filters have 9 weights per channel, of very different
+    ranges: the known hard case for one grid per tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def unit(cin: int, cout: int, kernel: int, stride: int, groups: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU6())
+
+        widths = ((16, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2))
+        self.stem = unit(1, 16, 3, 1, 1)
+        self.blocks = nn.Sequential(*(nn.Sequential(unit(cin, cin, 3, stride, cin), unit(cin, cout, 1, 1, 1))
+                                      for cin, cout, stride in widths))
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem((x - MNIST_MEAN) / MNIST_STD))
+        return self.fc(x.mean((2, 3)))
+
+
 class CharTransformer(nn.Module):
     """A GPT-style character model: token and position embeddings, pre-norm blocks (causal
     self-attention, GELU MLP), a final LayerNorm and an untied output layer."""
@@ -247,6 +271,7 @@ ARCHS: dict[str, tuple[type[nn.Module], str]] = {
     "tiny_bn": (TinyBN, "BN CNN 16-32-32-48, global average pool (< 30 k parameters)"),
     "bn_cnn": (BNNet, "BN CNN 16-32, fc 1568-128 with BatchNorm1d, dropout"),
     "resnet14": (ResNet14, "ResNet-14 (3 stages x 2 basic blocks, 16-32-64), BN, skip connections"),
+    "mobilenet_dw": (MobileNetDW, "MobileNet-v1 style: depthwise-separable blocks 16-32-64-64-128, BN, ReLU6"),
     "char_transformer": (CharTransformer, "char transformer: 3 pre-norm layers, d_model 128, 4 heads, context 128"),
 }
 
@@ -318,6 +343,9 @@ ZOO: tuple[Entry, ...] = (
     Entry("tiny_bn_adamw_aug", "tiny_bn", Recipe("adamw", 3e-3, epochs=1, weight_decay=1e-2, augment=True)),
     Entry("bn_cnn_adam_ls", "bn_cnn", Recipe("adam", 2e-3, epochs=1, weight_decay=1e-4, label_smoothing=0.1)),
     Entry("resnet14_sgd", "resnet14", Recipe("sgd", 0.1, epochs=1, nesterov=True, weight_decay=5e-4)),
+    Entry("mobilenet_dw_sgd_aug", "mobilenet_dw",
+          Recipe("sgd", 0.1, epochs=2, nesterov=True, weight_decay=4e-5, augment=True, schedule="cosine"),
+          notes="MobileNet's small weight decay (4e-5)"),
     Entry("char_transformer_adamw", "char_transformer",
           Recipe("adamw", 2e-3, batch=16, weight_decay=0.1, schedule="cosine", steps=700), metric="loss",
           notes="Python 3.11 standard-library sources; last 10 % of the text held out"),
