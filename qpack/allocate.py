@@ -764,14 +764,14 @@ def _least_error(measured: _Measured, planner: _Planner, target_bpw: float, floo
             thorough=thorough), _SIZE)
         if columns is None:
             break
-        summary = planner.allocation(columns, policy.min_snr_db, False, budget).summary()
-        size = planner.file_bytes(columns, summary)
+        allocation = planner.allocation(columns, policy.min_snr_db, False, budget)
+        size = planner.file_bytes(columns, allocation.summary())
         over = size - budget
         fixed = size - planner.quantized_bytes(columns)
         if over <= 0:
-            fitted.append((sum(measured.trials[name][column].cost for name, column in columns.items()), columns))
+            fitted.append((allocation.predicted_error, columns))
             if len(fitted) > 1 or fixed >= planner.fixed - _FIXED_OVERESTIMATE or not measured.settings:
-                return min(fitted, key=lambda pair: pair[0])[1]
+                break
             # the fixed bytes were estimated from sketches of the smallest candidates' entries,
             # which can hold more than the chosen ones' (measured: 31 KB of a 16 MB budget, 0.12 dB
             # of SNR); once, plan again within what this plan's header really leaves
@@ -779,7 +779,7 @@ def _least_error(measured: _Measured, planner: _Planner, target_bpw: float, floo
             continue
         if fixed > planner.fixed and measured.settings:
             # the header was estimated from sketches of predicted entries: count it as planned
-            planner.fixed = size - planner.quantized_bytes(columns)
+            planner.fixed = fixed
             continue
         # the estimate missed a few header bytes (a compressed header's size moves with its
         # contents): plan again within less, growing the margin so that the greedy fill, which

@@ -141,9 +141,9 @@ def test_a_load_stopped_midway_stops_its_workers_before_it_returns(tmp_path, two
     gen = torch.Generator().manual_seed(6)
     qpack.pack({f"w{i}": torch.randn(256, 256, generator=gen) for i in range(8)}, tmp_path / "m.qpk", bits=8)
     before = pool_threads()
-    with pytest.raises(Interrupted) as raised:
+    # kept as ``raised``, the traceback holds load's frames, as a caller's handler would
+    with pytest.raises(Interrupted) as raised:  # noqa: F841
         qpack.load(tmp_path / "m.qpk", threads=threads, progress=interrupt_at(2))
-    assert raised.value.__traceback__ is not None  # the frames stay referenced, as a caller's would
     assert pool_threads() <= before
 
 
@@ -151,9 +151,8 @@ def test_a_pack_stopped_midway_stops_its_workers_and_leaves_no_file(tmp_path):
     gen = torch.Generator().manual_seed(7)
     state = {f"w{i}": torch.randn(64, 64, generator=gen) for i in range(8)}
     before = pool_threads()
-    with pytest.raises(Interrupted) as raised:
+    with pytest.raises(Interrupted) as raised:  # noqa: F841 (the traceback kept, as above)
         qpack.pack(state, tmp_path / "m.qpk", bits=8, threads=2, progress=interrupt_at(2))
-    assert raised.value.__traceback__ is not None
     assert pool_threads() <= before
     assert list(tmp_path.iterdir()) == []
 
