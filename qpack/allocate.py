@@ -3,7 +3,7 @@ the least size for an error.
 
 Both problems start from the same measurements: for every tensor the policy quantizes, each
 width of ``CANDIDATE_BITS`` at each candidate method, granularity and span, what it costs
-(stored bytes after zstd or rANS, aligned as the file aligns them, plus its header entry:
+(stored bytes after zstd or rANS, with the padding the file puts before them, plus its header entry:
 per-channel or per-group grids and codebooks pay for their size here) and what it loses
 (its relative error, ``rel_rms``). They are predicted (``PREDICT``, the default) from one
 histogram of the tensor per granularity (:mod:`qpack.estimate`: index counts, hence the rANS
@@ -75,7 +75,7 @@ from .codecs import uniform
 from .dtypes import name_of_dtype
 from .encoder import UNIQUE_LIMIT, count_distinct, encode_tensor
 from .errors import InputError
-from .format import TensorEntry, align, expected_raw_length, layout_offsets, parameter_rows
+from .format import TensorEntry, expected_raw_length, layout_offsets, parameter_rows, payload_span
 from .parallel import map_all, trial_workers
 from .policy import Decision, Policy, granularity_for, parse_granularity
 from .writer import planned_file_bytes
@@ -143,7 +143,7 @@ class _Trial(NamedTuple):
 
     bits: int
     granularity: str
-    size: int  # bytes in the file: aligned payload and header entry
+    size: int  # bytes in the file: payload (padding included) and header entry
     cost: float  # the objective's term: weight * rel_rms^2
     method: str = "uniform"
     snr_db: float = math.inf  # -20 log10(rel_rms)
@@ -244,7 +244,7 @@ class Allocation:
     file_bytes: int
     #: bytes that no choice changes: header framing, metadata, lossless tensors, alignment
     fixed_bytes: int
-    #: bytes of the quantized tensors: aligned payloads and their header entries
+    #: bytes of the quantized tensors: payloads (padding included) and their header entries
     quantized_bytes: int
     #: the target's file size in bytes (None with ``max_error``)
     budget_bytes: int | None = None
@@ -510,7 +510,7 @@ def _encoded(name: str, tensor: torch.Tensor, decision: Decision, setting: _Sett
     label = f"group:{group_size}" if group_size else kind
     if keep is not None:
         keep.append((decision, replace(entry), stored, row))
-    return _Trial(bits, label, align(len(stored)) + _entry_bytes(entry), 0.0, method, snr, entry, span), rel
+    return _Trial(bits, label, payload_span(len(stored)) + _entry_bytes(entry), 0.0, method, snr, entry, span), rel
 
 
 def _trials(name: str, tensor: torch.Tensor, decision: Decision,
@@ -661,7 +661,7 @@ def _masked(measured: _Measured, allowed: Mapping[str, list[bool]]) -> dict[str,
 
 class _Planner:
     """The file a choice gives, as the writer will write it: header from the writer's own
-    functions with the file's metadata, payloads laid out and aligned."""
+    functions with the file's metadata, payloads laid out as the file lays them out."""
 
     def __init__(self, measured: _Measured, metadata: Callable[[dict[str, Any]], Mapping[str, str]]) -> None:
         self.measured, self.metadata = measured, metadata

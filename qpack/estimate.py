@@ -33,7 +33,7 @@ import torch
 from . import rans
 from .bitpack import packed_size
 from .encoder import RANS_MIN_SAVING
-from .format import align
+from .format import payload_span
 from .jit import kernels
 
 __all__ = ["EXACT_LIMIT", "KMEANS_EXACT_LIMIT", "BINS", "Statistics", "statistics", "uniform", "kmeans", "rans_sizes",
@@ -272,7 +272,7 @@ ZSTD_FRAMING = 32
 
 
 def stored_sizes(numel: int, bits: Sequence[int], counts: np.ndarray, rans_mode: str) -> np.ndarray:
-    """Aligned payload bytes the writer is predicted to store: rANS where it saves
+    """Payload bytes (with the padding before them, spec 1.3) the writer is predicted to store: rANS where it saves
     ``RANS_MIN_SAVING`` over the best zstd form, else that form; zstd is predicted from the
     entropy times ``ZSTD_OVER_ENTROPY``, at most the packed size (stored as it is)."""
     packed = np.array([packed_size(numel, b) for b in bits])
@@ -280,7 +280,7 @@ def stored_sizes(numel: int, bits: Sequence[int], counts: np.ndarray, rans_mode:
     over = np.array([ZSTD_OVER_ENTROPY[b] for b in bits])
     zstd = np.minimum(packed, np.ceil(entropy_bits / 8 * over) + ZSTD_FRAMING)
     payload = np.where(coded < zstd * (1 - RANS_MIN_SAVING[rans_mode]), coded, zstd)
-    return np.array([align(int(p)) for p in payload])
+    return np.array([payload_span(int(p)) for p in payload])
 
 
 def relative_error(stats: Statistics, error: np.ndarray) -> list[float]:

@@ -1,4 +1,4 @@
-"""The .qpk container, versions 1 to 4: constants, the header schema and its validation.
+"""The .qpk container, versions 1 to 5: constants, the header schema and its validation.
 
 specs/qpk-format.md is the source of truth; every check below names the reader rule
 (R1..R21) it enforces. Nothing here touches payload bytes: ``parse_header`` turns header
@@ -33,6 +33,7 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "PREAMBLE_SIZE",
     "ALIGNMENT",
+    "ALIGNED_PAYLOAD",
     "Limits",
     "TensorEntry",
     "align",
@@ -43,6 +44,9 @@ __all__ = [
     "expected_raw_length",
     "parameter_rows",
     "layout_offsets",
+    "payload_offset",
+    "data_start",
+    "payload_span",
     "name_problem",
     "metadata_problem",
     "encode_header",
@@ -52,25 +56,29 @@ __all__ = [
     "default_max_bytes",
     "decoded_size_problem",
     "check_sources",
-    "current_version_for",
 ]
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
-#: the newest version, which qpack writes for a file holding a derived entry (spec section 6);
-#: other files are version 3 (compact, compressed header, float16 parameters, byte planes), so
-#: version-3 readers read them; versions 1 and 2 are written only when asked (QpkWriter(version=))
-VERSION = 4
+#: the newest version, which qpack writes (spec section 6); older versions are written only
+#: when asked (QpkWriter(version=)), for readers of those
+VERSION = 5
 #: version 2 adds rANS-coded indices; a version-2 file is one that uses them
 RANS_VERSION = 2
 #: version 3: compact entries, zstd header, param_dtype, compression "zstd_planes"
 COMPACT_VERSION = 3
 #: version 4: the "derived" encoding (a mask rebuilt from another tensor, no payload)
 DERIVED_VERSION = 4
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+#: version 5: payloads follow each other without padding, except long ones (spec 1.3)
+PACKED_VERSION = 5
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 # magic, version, header length, header crc32, reserved (v1, v2) / header raw length U (v3)
 PREAMBLE = struct.Struct("<8sIIII")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
+#: version 5: a payload at least this long starts ALIGNMENT-aligned (so may be memory-mapped
+#: in place), and so does the data section of a file holding one; shorter payloads, where
+#: padding cost small models 3-8 % of their file, follow the one before directly
+ALIGNED_PAYLOAD = 65_536
 
 ENCODINGS = ("raw", "uniform", "kmeans", "derived")
 #: the version each encoding appeared in (R12)
@@ -226,23 +234,43 @@ def parameter_rows(shape: tuple[int, ...] | list[int], granularity: str, group_s
     return 1
 
 
-def layout_offsets(lengths: list[int]) -> list[int]:
-    """Payload offsets relative to the data section: first at 0, each next one aligned (R16)."""
+def _aligned(length: int, version: int) -> bool:
+    """Whether a payload of this length starts aligned (spec 1.3): always before version 5."""
+    return version < PACKED_VERSION or length >= ALIGNED_PAYLOAD
+
+
+def payload_offset(end: int, length: int, version: int = VERSION) -> int:
+    """Where a payload of ``length`` bytes starts, relative to the data section, when the one
+    before it ends at ``end`` (spec 1.3): there, or rounded up to ALIGNMENT."""
+    return align(end) if _aligned(length, version) else end
+
+
+def layout_offsets(lengths: list[int], version: int = VERSION) -> list[int]:
+    """Payload offsets relative to the data section (R16), the first at 0 (spec 1.3)."""
     offsets, end = [], 0
     for length in lengths:
-        offsets.append(align(end))
+        offsets.append(payload_offset(end, length, version))
         end = offsets[-1] + length
     return offsets
+
+
+def data_start(header_end: int, lengths: list[int], version: int = VERSION) -> int:
+    """D, where the data section starts (spec 1): ``header_end`` (24 + H) rounded up to
+    ALIGNMENT, or in version 5, where no payload starts aligned, ``header_end`` itself."""
+    if any(_aligned(length, version) for length in lengths) or version < PACKED_VERSION:
+        return align(header_end)
+    return header_end
+
+
+def payload_span(length: int, version: int = VERSION) -> int:
+    """At most what a payload of this length adds to the data section, padding before it
+    included (the allocation's cost of a candidate): ``length``, or aligned."""
+    return align(length) if _aligned(length, version) else length
 
 
 def version_for(entries: list[TensorEntry]) -> int:
     """The lowest of versions 1 and 2 that expresses these entries (what a legacy writer writes)."""
     return RANS_VERSION if any(e.compression == "rans" for e in entries) else 1
-
-
-def current_version_for(entries: list[TensorEntry]) -> int:
-    """What qpack writes (spec 6): version 4 when an entry is derived, else version 3."""
-    return DERIVED_VERSION if any(e.encoding == "derived" for e in entries) else COMPACT_VERSION
 
 
 def param_values(entry: TensorEntry, key: str) -> np.ndarray:
@@ -289,9 +317,9 @@ def fixed_bytes(entries: list[TensorEntry], metadata: dict[str, str], version: i
     """
     header, _ = encode_header(entries, metadata, version)
     lengths = [e.length for e in entries]
-    offsets = layout_offsets(lengths)
+    offsets = layout_offsets(lengths, version)
     data_end = offsets[-1] + lengths[-1] if entries else 0
-    return align(PREAMBLE_SIZE + len(header)) + data_end - sum(lengths)
+    return data_start(PREAMBLE_SIZE + len(header), lengths, version) + data_end - sum(lengths)
 
 
 def preamble_field(data: bytes) -> int:
@@ -526,13 +554,13 @@ def parse_header(header: bytes, expected_crc: int, limits: Limits = DEFAULT_LIMI
     _expect(version != RANS_VERSION or version_for(entries) == version, "R15",
             f"a version-{version} file needs at least one rANS payload (write the lowest version)")
     check_sources(entries)
-    expected = layout_offsets([e.length for e in entries])
+    expected = layout_offsets([e.length for e in entries], version)
     if version >= COMPACT_VERSION:  # offsets are not stored: they are what 1.3 says
         for entry, offset in zip(entries, expected):
             entry.offset = offset
     for entry, offset in zip(entries, expected):
         _expect(entry.offset == offset, "R16",
-                f"tensor {entry.name!r}: payload offset {entry.offset}, expected {offset} (payloads must tile the data section in order, {ALIGNMENT}-byte aligned)")
+                f"tensor {entry.name!r}: payload offset {entry.offset}, expected {offset} (payloads must tile the data section in order, as spec 1.3 places them)")
     return entries, metadata
 
 

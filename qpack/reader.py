@@ -23,8 +23,8 @@ from .format import (
     PREAMBLE_SIZE,
     Limits,
     TensorEntry,
-    align,
     crc32,
+    data_start,
     decoded_bytes,
     decoded_size_problem,
     default_max_bytes,
@@ -98,7 +98,7 @@ class QpkReader:
             raw_length = preamble_field(preamble) if self.version >= 3 else 0
             entries, self.metadata = parse_header(header, header_crc(preamble), limits, version=self.version,
                                                   header_raw_length=raw_length)
-            self.data_start = align(PREAMBLE_SIZE + header_length)
+            self.data_start = data_start(PREAMBLE_SIZE + header_length, [e.length for e in entries], self.version)
             self._check_layout(entries, PREAMBLE_SIZE + header_length)
             bound = _bound(max_bytes, self._file_size)
             problem = decoded_size_problem(entries, self._file_size, bound)

@@ -25,18 +25,17 @@ from .format import (
     COMPACT_VERSION,
     DEFAULT_LIMITS,
     DERIVED_VERSION,
-    PREAMBLE_SIZE,
     VERSION,
     TensorEntry,
-    align,
     crc32,
-    current_version_for,
+    data_start,
     encode_header,
     fixed_bytes,
     metadata_problem,
     name_problem,
     pack_preamble,
     parse_header,
+    payload_offset,
 )
 
 __all__ = ["QpkWriter", "atomic_output", "planned_file_bytes"]
@@ -55,10 +54,9 @@ class QpkWriter:
         overwrite: replace an existing file at ``path``; without it an existing file is an
             OutputExistsError, checked both up front and at the final rename.
         metadata: free-form string-to-string map stored in the header (R7's limits).
-        version: the format version to write. None (the default): 4 when an entry is
-            derived (spec 3.5), else 3 (compact, compressed header), so that version-3
-            readers read every file that does not need version 4. 1 or 2 for readers of
-            those (the entries must then be expressible in it; 2 only with rANS payloads).
+        version: the format version to write. None (the default): 5, the newest (spec 6).
+            1 to 4 for readers of those (the entries must then be expressible in it: 2 only
+            with rANS payloads, 4 or 5 with derived entries).
 
     Raises:
         InputError: the output path is a folder or its folder is missing; a metadata entry
@@ -70,7 +68,7 @@ class QpkWriter:
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False,
                  metadata: dict[str, str] | None = None, version: int | None = None) -> None:
         self.path = Path(path)
-        self.version = version
+        self.version = VERSION if version is None else version
         self.overwrite = overwrite
         self.metadata = dict(metadata or {})
         if len(self.metadata) > DEFAULT_LIMITS.max_metadata_entries:
@@ -100,8 +98,8 @@ class QpkWriter:
             raise InputError(f"tensor {problem}")
         if self._spool.closed:
             raise ValueError("this QpkWriter is closed")
-        offset = align(self._end)
         view = memoryview(payload).cast("B")
+        offset = payload_offset(self._end, len(view), self.version)
         try:
             with _naming_errors(self.path):
                 _write_all(self._spool.fileno(), _ZEROS[: offset - self._end], view)
@@ -122,7 +120,7 @@ class QpkWriter:
         """
         if self._spool.closed:
             raise ValueError("this QpkWriter is closed")
-        version = current_version_for(self.entries) if self.version is None else self.version
+        version = self.version
         for entry in self.entries if version < DERIVED_VERSION else ():
             if entry.encoding == "derived":
                 raise InputError(f"cannot write {self.path} as version {version}: tensor {entry.name!r} is derived "
@@ -140,8 +138,7 @@ class QpkWriter:
         except FormatError as exc:
             raise InputError(f"cannot write {self.path}: {exc}") from None
         head = pack_preamble(header, version, raw_length) + header
-        head += _ZEROS[: align(len(head)) - len(head)]
-        assert len(head) == align(PREAMBLE_SIZE + len(header))
+        head += _ZEROS[: data_start(len(head), [e.length for e in self.entries], version) - len(head)]
         with _naming_errors(self.path), atomic_output(self.path, self.overwrite) as out:
             _write_all(out.fileno(), head)
             _copy_all(self._spool.fileno(), out.fileno(), self._end)

@@ -241,6 +241,6 @@ def test_a_qpk_with_the_wrong_suffix_is_still_recognised(inputs, tmp_path):
 
 def test_header_crafted_by_hand_unknown_version_names_it(tmp_path):
     header = b"\x82\xa7tensors\x90\xa8metadata\x80"
-    preamble = struct.pack("<8sIIII", MAGIC, 5, len(header), zlib.crc32(header), 0)
-    (tmp_path / "v5.qpk").write_bytes(preamble + header + bytes(64 - len(preamble + header) % 64))
-    fails_cleanly(qpack_cli("info", "v5.qpk", cwd=tmp_path), 4, "version 5", "upgrade")
+    preamble = struct.pack("<8sIIII", MAGIC, 6, len(header), zlib.crc32(header), 0)
+    (tmp_path / "v6.qpk").write_bytes(preamble + header + bytes(64 - len(preamble + header) % 64))
+    fails_cleanly(qpack_cli("info", "v6.qpk", cwd=tmp_path), 4, "version 6", "upgrade")

@@ -49,7 +49,7 @@ def test_masks_of_every_dtype_are_derived_and_come_back_bit_for_bit(tmp_path, op
     for name, mask in masks.items():
         assert back[name].dtype == mask.dtype and torch.equal(back[name], mask), name
         assert kinds[name] == "derived", name
-    assert version_of(path) == 4
+    assert version_of(path) == 5
     assert sum(r.stored_bytes for r in report.tensors if r.name in masks) == 0
     with QpkReader(path) as reader:  # one tensor alone decodes its source first
         assert torch.equal(reader.tensor("fc.flags"), masks["fc.flags"])
@@ -69,7 +69,7 @@ def test_a_mask_whose_source_quantizes_a_kept_weight_to_zero_is_stored_as_before
     assert qpack.load(tmp_path / "m.qpk")["fc.weight"][0, 0] == 0
     kinds = encodings(tmp_path / "m.qpk")
     assert kinds == {"fc.weight": "uniform", "fc.mask": "kmeans", "fc.flags": "raw"}
-    assert version_of(tmp_path / "m.qpk") == 3  # nothing derived: a version-3 reader reads it
+    assert version_of(tmp_path / "m.qpk") == 5
     back = qpack.load(tmp_path / "m.qpk")
     assert torch.equal(back["fc.mask"], mask.float()) and torch.equal(back["fc.flags"], mask)
     assert "not derived" in next(r.reason for r in report.tensors if r.name == "fc.mask")
@@ -116,10 +116,10 @@ def test_the_writer_finds_the_nearest_source_and_works_whatever_the_order(tmp_pa
         assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in ("x.mask", "y.mask"))
 
 
-def test_derive_masks_off_and_small_masks_keep_version_3(tmp_path):
+def test_derive_masks_off_and_small_masks_store_the_mask(tmp_path):
     w = pruned()
     qpack.pack({"w": w, "m": w != 0}, tmp_path / "off.qpk", derive_masks=False)
-    assert encodings(tmp_path / "off.qpk")["m"] == "raw" and version_of(tmp_path / "off.qpk") == 3
+    assert encodings(tmp_path / "off.qpk")["m"] == "raw"
     small = pruned(4, 8)
     assert derived.find_sources({"w": small, "m": small != 0}) == {}  # under MIN_NUMEL
 
@@ -143,23 +143,23 @@ def test_decode_follows_the_worked_example_of_the_spec():
 
 
 @pytest.fixture(scope="module")
-def v4_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def masked_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = tmp_path_factory.mktemp("v4") / "v4.qpk"
     w = pruned()
     qpack.pack({"w": w, "w.mask": (w != 0).float(), "other": torch.randn(5, 400), "b": torch.randn(40)}, path)
     return path.read_bytes()
 
 
-def crafted(data: bytes, edit, version: int = 4) -> bytes:
+def crafted(data: bytes, edit, version: int = 5) -> bytes:
     doc, payloads = split3(data)
     edit(doc, payloads)
     return assemble3(doc, payloads, version=version)
 
 
-def test_the_fixture_reads(tmp_path, v4_bytes):
-    (tmp_path / "ok.qpk").write_bytes(v4_bytes)
+def test_the_fixture_reads(tmp_path, masked_bytes):
+    (tmp_path / "ok.qpk").write_bytes(masked_bytes)
     assert encodings(tmp_path / "ok.qpk")["w.mask"] == "derived"
-    assert crafted(v4_bytes, lambda doc, payloads: None) == v4_bytes  # the helpers rebuild its bytes
+    assert crafted(masked_bytes, lambda doc, payloads: None) == masked_bytes  # the helpers rebuild its bytes
 
 
 def _mask(doc):
@@ -180,19 +180,19 @@ def _mask(doc):
     lambda e: e.update(compression="zstd"),
 ], ids=["bits", "granularity", "group_size", "param_dtype", "no-rule", "extra-key", "source-int", "source-empty",
         "source-long", "unknown-rule", "compressed"])
-def test_r24_derived_entry_fields(tmp_path, v4_bytes, edit):
-    rejects(tmp_path, crafted(v4_bytes, lambda doc, payloads: edit(_mask(doc))), "R24")
+def test_r24_derived_entry_fields(tmp_path, masked_bytes, edit):
+    rejects(tmp_path, crafted(masked_bytes, lambda doc, payloads: edit(_mask(doc))), "R24")
 
 
-def test_r24_a_derived_entry_has_no_payload(tmp_path, v4_bytes):
+def test_r24_a_derived_entry_has_no_payload(tmp_path, masked_bytes):
     def give_payload(doc, payloads):
         payloads[index_of(doc, "w.mask")] = b"\x01" * 8
-    exc = rejects(tmp_path, crafted(v4_bytes, give_payload), "R24")
+    exc = rejects(tmp_path, crafted(masked_bytes, give_payload), "R24")
     assert "no payload" in str(exc)
 
 
-def test_r18_a_derived_entry_checksum_is_that_of_no_bytes(tmp_path, v4_bytes):
-    doc, payloads = split3(v4_bytes)
+def test_r18_a_derived_entry_checksum_is_that_of_no_bytes(tmp_path, masked_bytes):
+    doc, payloads = split3(masked_bytes)
     _mask(doc)["crc32"] = 1
     data = assemble3(doc, payloads, version=4, keep_checksums=True)
     rejects(tmp_path, data, "R18", qpack.ChecksumError, on_read=True)
@@ -204,12 +204,12 @@ def test_r18_a_derived_entry_checksum_is_that_of_no_bytes(tmp_path, v4_bytes):
     (lambda doc: _mask(doc)["params"].update(source="other"), "shape"),
     (lambda doc: _mask(doc)["params"].update(source="b"), "shape"),
 ], ids=["missing", "itself", "other-shape", "1-d"])
-def test_r25_the_source_is_another_stored_entry_of_the_same_shape(tmp_path, v4_bytes, edit, words):
-    exc = rejects(tmp_path, crafted(v4_bytes, lambda doc, payloads: edit(doc)), "R25")
+def test_r25_the_source_is_another_stored_entry_of_the_same_shape(tmp_path, masked_bytes, edit, words):
+    exc = rejects(tmp_path, crafted(masked_bytes, lambda doc, payloads: edit(doc)), "R25")
     assert words in str(exc)
 
 
-def test_r25_no_chains(tmp_path, v4_bytes):
+def test_r25_no_chains(tmp_path, masked_bytes):
     def chain(doc, payloads):
         other = doc["tensors"][index_of(doc, "w")]
         for key in ("encoding", "params", "compression", "bits", "stats", "width", "granularity", "group_size",
@@ -217,12 +217,12 @@ def test_r25_no_chains(tmp_path, v4_bytes):
             other.pop(key, None)
         other.update(encoding="derived", params={"source": "w.mask", "rule": "nonzero"})
         payloads[index_of(doc, "w")] = b""
-    exc = rejects(tmp_path, crafted(v4_bytes, chain), "R25")
+    exc = rejects(tmp_path, crafted(masked_bytes, chain), "R25")
     assert "derived itself" in str(exc)
 
 
-def test_r12_derived_needs_version_4(tmp_path, v4_bytes):
-    exc = rejects(tmp_path, crafted(v4_bytes, lambda doc, payloads: None, version=3), "R12")
+def test_r12_derived_needs_version_4(tmp_path, masked_bytes):
+    exc = rejects(tmp_path, crafted(masked_bytes, lambda doc, payloads: None, version=3), "R12")
     assert "version 4" in str(exc)
 
 
@@ -258,8 +258,8 @@ def test_load_reports_progress_for_every_tensor_in_file_order(tmp_path):
     assert list(back) == ["m", "w", "b"] and seen == [(1, 3), (2, 3), (3, 3)]
 
 
-def test_format_errors_are_named(tmp_path, v4_bytes):
-    exc = rejects(tmp_path, crafted(v4_bytes, lambda doc, payloads: _mask(doc)["params"].update(rule="any")), "R24")
+def test_format_errors_are_named(tmp_path, masked_bytes):
+    exc = rejects(tmp_path, crafted(masked_bytes, lambda doc, payloads: _mask(doc)["params"].update(rule="any")), "R24")
     assert isinstance(exc, FormatError) and "nonzero" in str(exc)
 
 
@@ -272,8 +272,9 @@ def test_a_file_built_by_hand_from_the_spec_example_reads(tmp_path):
         {"name": "f", "dtype": "float32", "shape": [2, 2], "encoding": "derived",
          "params": {"rule": "nonzero", "source": "w"}, "length": 0, "crc32": 0},  # keys in any order
     ], "metadata": {}}
-    (tmp_path / "hand.qpk").write_bytes(assemble3(doc, [source.numpy().tobytes(), b"", b""], version=4))
-    back = qpack.load(tmp_path / "hand.qpk")
-    assert back["m"].numpy().tobytes().hex() == "01000001"
-    assert back["f"].numpy().tobytes().hex() == "0000803f" "00000000" "00000000" "0000803f"
-    assert qpack.verify(tmp_path / "hand.qpk") == 3
+    for version in (4, 5):
+        (tmp_path / "hand.qpk").write_bytes(assemble3(doc, [source.numpy().tobytes(), b"", b""], version=version))
+        back = qpack.load(tmp_path / "hand.qpk")
+        assert back["m"].numpy().tobytes().hex() == "01000001"
+        assert back["f"].numpy().tobytes().hex() == "0000803f" "00000000" "00000000" "0000803f"
+        assert qpack.verify(tmp_path / "hand.qpk") == 3

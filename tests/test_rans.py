@@ -154,13 +154,13 @@ def test_writer_codes_skewed_indices(tmp_path, skewed_weights):
     # 5-bit uniform: Laplace weights use the middle levels far more than the outer ones
     qpack.pack(skewed_weights, tmp_path / "coded.qpk", bits=5)
     with QpkReader(tmp_path / "coded.qpk") as reader:
-        assert reader.version == 3
+        assert reader.version == 5
         assert reader.entry("fc.weight").compression == "rans"
         assert reader.entry("uniform.weight").compression != "rans"  # flat: nothing to gain
         coded_length = reader.entry("fc.weight").length
     qpack.pack(skewed_weights, tmp_path / "plain.qpk", bits=5, rans="never")
     with QpkReader(tmp_path / "plain.qpk") as reader:
-        assert reader.version == 3 and reader.entry("fc.weight").compression != "rans"
+        assert reader.version == 5 and reader.entry("fc.weight").compression != "rans"
         assert coded_length < 0.98 * reader.entry("fc.weight").length
     coded, plain = qpack.load(tmp_path / "coded.qpk"), qpack.load(tmp_path / "plain.qpk")
     for name in skewed_weights:
@@ -244,7 +244,7 @@ def test_rans_modes(tmp_path, skewed_weights):
         qpack.pack(weights, tmp_path / f"{mode}.qpk", bits=5, granularity="channel", rans=mode)
         with QpkReader(tmp_path / f"{mode}.qpk") as reader:
             entry = reader.entry("fc.weight")
-            assert reader.version == 3
+            assert reader.version == 5
             payload[mode] = (entry.compression, entry.length)
     # per-row 5-bit Laplace indices: rANS saves under 5 % over zstd, so only "always" uses it
     assert payload["never"][0] != "rans" and payload["auto"] == payload["never"]

@@ -129,11 +129,11 @@ def sample_tensors() -> list[tuple[TensorEntry, bytes, torch.Tensor]]:
 
 
 def write_sample(path: Path, version: int = 1) -> dict[str, torch.Tensor]:
-    """Write the sample file (version 1 unless asked; version 3 adds ``sample3_tensors``);
+    """Write the sample file (version 1 unless asked; version 3 or later adds ``sample3_tensors``);
     returns the tensors it decodes to."""
     writer = QpkWriter(path, overwrite=True, metadata={"qpack.version": "test", "note": "sample"}, version=version)
     expected = {}
-    for entry, stored, tensor in sample_tensors() + (sample3_tensors() if version == 3 else []):
+    for entry, stored, tensor in sample_tensors() + (sample3_tensors() if version >= 3 else []):
         writer.add(entry, stored)
         expected[entry.name] = tensor
     writer.finish()
@@ -276,10 +276,10 @@ def test_r1_short_file_and_bad_magic(tmp_path, sample_bytes):
 
 def test_r2_unsupported_version_is_named(tmp_path, sample_bytes):
     doc, payloads = split(sample_bytes)
-    for version in (0, 5, 0xFFFFFFFF):
+    for version in (0, 6, 0xFFFFFFFF):
         exc = rejects(tmp_path, assemble(doc, lay_out(doc, payloads), version=version), "R2",
                       UnsupportedVersionError)
-        assert f"version {version}" in str(exc) and "1, 2, 3, 4" in str(exc)
+        assert f"version {version}" in str(exc) and "1, 2, 3, 4, 5" in str(exc)
 
 
 def test_r3_reserved_field_must_be_zero(tmp_path, sample_bytes):
@@ -776,29 +776,40 @@ def sample3_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return write_sample3(path) and path.read_bytes()
 
 
+def _placed(length: int, end: int, version: int) -> int:
+    """Spec 1.3: where a payload starts after one ending at ``end`` (version 5: short ones unpadded)."""
+    return align(end) if version < 5 or length >= 65536 else end
+
+
+def _data_start(header_end: int, lengths: list[int], version: int) -> int:
+    """Spec 1: D, aligned unless a version-5 file holds no long payload."""
+    return align(header_end) if version < 5 or any(n >= 65536 for n in lengths) else header_end
+
+
 def split3(data: bytes) -> tuple[dict, list[bytes]]:
-    """(compact header document, stored payloads) of a valid version-3 or -4 file."""
+    """(compact header document, stored payloads) of a valid version-3, -4 or -5 file."""
     _, version, header_length, _, raw_length = struct.unpack("<8sIIII", data[:PREAMBLE_SIZE])
-    assert version in (3, 4)
+    assert version in (3, 4, 5)
     stored = data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length]
     header = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_length) if raw_length else stored
     doc = msgpack.unpackb(header, raw=False)
-    start, end, payloads = align(PREAMBLE_SIZE + header_length), 0, []
-    for entry in doc["tensors"]:
-        offset = align(end)
-        payloads.append(data[start + offset: start + offset + entry["length"]])
-        end = offset + entry["length"]
+    lengths = [entry["length"] for entry in doc["tensors"]]
+    start, end, payloads = _data_start(PREAMBLE_SIZE + header_length, lengths, version), 0, []
+    for length in lengths:
+        offset = _placed(length, end, version)
+        payloads.append(data[start + offset: start + offset + length])
+        end = offset + length
     return doc, payloads
 
 
 def assemble3(doc: dict, payloads: list[bytes], *, compress: bool = True, raw_length: int | None = None,
               stored: bytes | None = None, version: int = 3, keep_checksums: bool = False) -> bytes:
-    """A version-3 file: lengths and checksums filled in (checksums left as they are with
-    ``keep_checksums``), the header zstd-compressed unless ``compress`` is False;
+    """A version-3 (or -4, -5) file: lengths and checksums filled in (checksums left as they
+    are with ``keep_checksums``), the header zstd-compressed unless ``compress`` is False;
     ``raw_length`` and ``stored`` replace the preamble's U and the stored header bytes."""
     data = bytearray()
     for entry, payload in zip(doc["tensors"], payloads):
-        data += bytes(align(len(data)) - len(data))
+        data += bytes(_placed(len(payload), len(data), version) - len(data))
         entry["length"] = len(payload)
         if not keep_checksums:
             entry["crc32"] = zlib.crc32(payload)
@@ -808,7 +819,8 @@ def assemble3(doc: dict, payloads: list[bytes], *, compress: bool = True, raw_le
         stored = zstandard.ZstdCompressor(level=19).compress(header) if compress else header
     field = (len(header) if compress else 0) if raw_length is None else raw_length
     head = struct.pack("<8sIIII", MAGIC, version, len(stored), zlib.crc32(stored), field) + stored
-    return head + bytes(align(len(head)) - len(head)) + bytes(data)
+    start = _data_start(len(head), [len(payload) for payload in payloads], version)
+    return head + bytes(start - len(head)) + bytes(data)
 
 
 def test_v3_sample_round_trips_compact_and_compressed(tmp_path, sample3_bytes):
@@ -986,9 +998,11 @@ def test_writer_refuses_version_3_entries_in_an_older_version(tmp_path):
 def test_fixed_bytes_is_what_the_file_costs_beyond_its_payloads(tmp_path):
     from qpack.format import fixed_bytes
 
-    write_sample3(tmp_path / "s.qpk")
-    with QpkReader(tmp_path / "s.qpk") as reader:
-        entries, metadata = list(reader.entries.values()), reader.metadata
-    payloads = sum(e.length for e in entries)
-    assert fixed_bytes(entries, metadata) == (tmp_path / "s.qpk").stat().st_size - payloads
-    assert fixed_bytes(entries, metadata, version=1) > fixed_bytes(entries, metadata)
+    for version in (3, 5):
+        write_sample(tmp_path / "s.qpk", version=version)
+        with QpkReader(tmp_path / "s.qpk") as reader:
+            entries, metadata = list(reader.entries.values()), reader.metadata
+        payloads = sum(e.length for e in entries)
+        assert fixed_bytes(entries, metadata, version) == (tmp_path / "s.qpk").stat().st_size - payloads
+    # version 5 packs these short payloads without padding; version 1 also stores full entries
+    assert fixed_bytes(entries, metadata, version=1) > fixed_bytes(entries, metadata, 3) > fixed_bytes(entries, metadata)

@@ -1,6 +1,6 @@
 """The spec's test vectors: qpack decodes each to the values the spec gives, byte for byte,
-and the writer still produces the committed version-3 bytes (a change that alters bytes
-must change the spec and the vectors in the same commit). The version-1 and -2 vectors are
+and the writer still produces the committed version-5 bytes (a change that alters bytes
+must change the spec and the vectors in the same commit). The version-1 to -4 vectors are
 files of earlier versions, kept as they were: they must read bit-exactly forever."""
 
 import hashlib
@@ -41,11 +41,11 @@ def test_vector_decodes_to_spec_values(name):
             if "payload_hex" in record:
                 assert reader.read_payload(key).numpy().tobytes().hex() == record["payload_hex"]
             if "rans_indices_packed_hex" in record:  # the spec's rANS decoding of the stored bytes
-                assert reader.entry(key).compression == "rans" and reader.version in (2, 3, 4)
+                assert reader.entry(key).compression == "rans" and reader.version in (2, 3, 4, 5)
                 assert reader.read_payload(key).numpy().tobytes().hex() == record["rans_indices_packed_hex"]
-            if "version" in record:  # version 3 or 4: what the spec's reading found in the header
+            if "version" in record:  # version 3 to 5: what the spec's reading found in the header
                 entry = reader.entry(key)
-                assert reader.version == record["version"] == (4 if name.startswith("v4_") else 3)
+                assert reader.version == record["version"] == int(name[1])
                 assert (entry.compression, entry.param_dtype) == (record["compression"], record["param_dtype"])
             if record["encoding"] == "derived":  # version 4: no payload, rebuilt from its source
                 entry = reader.entry(key)
@@ -55,21 +55,21 @@ def test_vector_decodes_to_spec_values(name):
                 assert {k: v.hex() for k, v in reader.entry(key).params.items()} == record["params_hex"]
 
 
-def test_vectors_cover_old_versions_and_every_version_3_and_4_feature():
+def test_vectors_cover_old_versions_and_every_version_5_feature():
     assert set(LEGACY) | set(CURRENT) == set(EXPECTED) and not set(LEGACY) & set(CURRENT)
     versions = set()
     for name in LEGACY:
         with qpack.QpkReader(VECTORS / f"{name}.qpk") as reader:
             versions.add(reader.version)
-    assert versions == {1, 2}
+    assert versions == {1, 2, 3, 4}
     records = [r for name in CURRENT for r in EXPECTED[name]["tensors"].values()]
     assert {r["compression"] for r in records} >= {"none", "zstd_planes", "rans"}
     assert {r["param_dtype"] for r in records if r["encoding"] != "raw"} == {"float16", "float32", "uint8"}
     assert {r["encoding"] for r in records if r["param_dtype"] == "float16"} == {"uniform", "kmeans"}
     assert all(r["header_compressed"] for r in records)
     derived = [r for r in records if r["encoding"] == "derived"]
-    assert {r["dtype"] for r in derived} == {"float32", "bool", "uint8"} and {r["version"] for r in derived} == {4}
-    assert {r["version"] for r in records} == {3, 4}
+    assert {r["dtype"] for r in derived} == {"float32", "bool", "uint8"}
+    assert {r["version"] for r in records} == {5}
 
 
 @pytest.mark.parametrize("name", CURRENT)

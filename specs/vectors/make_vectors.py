@@ -8,13 +8,13 @@ reader or codecs); the files themselves are written by qpack. tests/test_spec_ve
 checks that qpack decodes each file to exactly these values and that the writer still
 produces the same bytes.
 
-The version-1 and version-2 vectors (``legacy_inputs``) were written by qpack before
-version 3 and are kept as they are: old files must read bit-exactly forever. This script
-never rewrites them or their expected values; it rewrites the version-3 and -4 vectors
-(``vector_inputs``: ``v4_*`` hold derived masks, the others are version 3, as qpack writes
-every file without one).
+The vectors of versions 1 to 4 (``legacy_inputs``) were written by the qpack of their time
+and are kept as they are: old files must read bit-exactly forever. This script never
+rewrites them or their expected values; it rewrites the version-5 vectors (``vector_inputs``:
+the inputs of the version-3 and -4 vectors, written as qpack writes them now, payloads
+packed as section 1.3 places them in version 5).
 
-    python specs/vectors/make_vectors.py            # rewrite the version-3 and -4 vectors
+    python specs/vectors/make_vectors.py            # rewrite the version-5 vectors
 """
 
 from __future__ import annotations
@@ -52,7 +52,12 @@ def v4_masks() -> dict[str, torch.Tensor]:
 
 
 def vector_inputs() -> dict[str, dict]:
-    """Versions 3 and 4: name -> (state dict, pack options). Everything is deterministic."""
+    """Version 5: name -> (state dict, pack options), the version-3 and -4 vectors' inputs."""
+    return {"v5_" + name[3:]: inputs for name, inputs in _compact_inputs().items()}
+
+
+def _compact_inputs() -> dict[str, dict]:
+    """The version-3 and -4 vectors' inputs: name -> (state dict, pack options), deterministic."""
     torch.manual_seed(11)  # the Laplace samples
     gen = torch.Generator().manual_seed(11)
     # uniform vectors pin the nearest rounding they were made with: how the writer picks
@@ -93,7 +98,11 @@ def vector_inputs() -> dict[str, dict]:
 
 
 def legacy_inputs() -> dict[str, dict]:
-    """Versions 1 and 2, as they were made (not rewritten: see the module docstring)."""
+    """Versions 1 to 4, as they were made (not rewritten: see the module docstring)."""
+    return {**_version_1_and_2_inputs(), **_compact_inputs()}
+
+
+def _version_1_and_2_inputs() -> dict[str, dict]:
     torch.manual_seed(7)
     ramp = torch.tensor([[-1.0, -0.3, 0.4, 1.0], [0.2, 0.9, -0.7, 0.0]])
     gen = torch.Generator().manual_seed(42)
@@ -250,6 +259,10 @@ def _align64(n: int) -> int:
     return -(-n // 64) * 64
 
 
+#: section 1.3, version 5: payloads at least this long start 64-byte aligned
+ALIGNED_PAYLOAD = 65536
+
+
 def spec_read(path: Path) -> tuple[int, bool, list[dict], list[bytes]]:
     """Sections 1 and 2.4: (version, header compressed?, entries with every key, stored payloads)."""
     data = path.read_bytes()
@@ -261,16 +274,23 @@ def spec_read(path: Path) -> tuple[int, bool, list[dict], list[bytes]]:
         raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=field)
         assert len(raw) == field
     doc = msgpack.unpackb(raw, raw=False)
-    start, end, entries, payloads = _align64(24 + length), 0, [], []
+
+    def aligned(entry: dict) -> bool:  # 1.3: every payload before version 5, long ones in 5
+        return version < 5 or entry["length"] >= ALIGNED_PAYLOAD
+
+    end, entries = 0, []
     for stored_entry in doc["tensors"]:
         entry = {**stored_entry, "param_dtype": "float32"}  # versions 1 and 2: float32 only
+        offset = _align64(end) if aligned(entry) else end
         if version >= 3:
             entry = {**_COMPACT_DEFAULTS, "width": stored_entry.get("bits", 0), **stored_entry}
-            entry["offset"] = _align64(end)
-        assert entry["offset"] == _align64(end)
+            entry["offset"] = offset
+        assert entry["offset"] == offset
         end = entry["offset"] + entry["length"]
         entries.append(entry)
-        payloads.append(data[start + entry["offset"]: start + end])
+    start = _align64(24 + length) if any(aligned(e) for e in entries) or version < 5 else 24 + length
+    assert data[24 + length:start] == bytes(start - 24 - length), "non-zero padding before the data"
+    payloads = [data[start + e["offset"]: start + e["offset"] + e["length"]] for e in entries]
     assert start + end == len(data)
     return version, bool(version >= 3 and field), entries, payloads
 
@@ -404,7 +424,7 @@ def main() -> int:
         qpack.pack(state, path, force=True, **options)
         expected[name] = {"options": options, "tensors": expected_for(name, state, path)}
     (HERE / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
-    print(f"wrote {len(vector_inputs())} version-3 and -4 vectors to {HERE}, kept {len(legacy_inputs())} older ones")
+    print(f"wrote {len(vector_inputs())} version-5 vectors to {HERE}, kept {len(legacy_inputs())} older ones")
     return 0
 
 

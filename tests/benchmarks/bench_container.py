@@ -5,7 +5,9 @@ For each model (a 23 k-parameter BatchNorm CNN, LeNet-5 and the demo's SeedNet, 
 briefly on MNIST, or left at their seeded initialisation without ../shared) it packs:
 
 - `-b 8` (the default) and reports the header: stored bytes H, what the preamble, header and
-  padding cost (the bytes before the data section), per tensor entry, and the
+  padding cost (the bytes before the data section), all the file spends besides its
+  payloads (that and the padding between payloads: "fixed"), per tensor entry, what the same
+  entries would cost as version 3 (every payload 64-byte aligned), and the
   `qpack.options` metadata length;
 - `-b 4 -g group:32` and `-b 4 -g group:64`, with every ``--param-dtype`` this qpack offers:
   whole-file bits per quantized weight and the overall SNR of the quantized tensors;
@@ -32,7 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import qpack  # noqa: E402
 from qpack.demo.net import SeedNet  # noqa: E402
-from qpack.format import PREAMBLE_SIZE  # noqa: E402
+from qpack.format import PREAMBLE_SIZE, fixed_bytes  # noqa: E402
 
 MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 CACHE = Path(tempfile.gettempdir()) / "qpack_bench_container"
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     work = Path(tempfile.mkdtemp())
     print(f"qpack {qpack.__version__}, param dtypes offered: {param_dtypes()}")
-    print(f"{'model':<12} {'params':>7} {'tensors':>7} {'H':>6} {'head':>6} {'/entry':>7} {'options':>7} "
-          f"{'file -b8':>9}  lossless raw -> stored")
+    print(f"{'model':<12} {'params':>7} {'tensors':>7} {'H':>6} {'head':>6} {'fixed':>6} {'/entry':>7} {'v3':>6} "
+          f"{'options':>7} {'file -b8':>9}  lossless raw -> stored")
     for name in MODELS:
         state, how = trained(name, args.steps)
         numel = sum(t.numel() for t in state.values())
@@ -144,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         with qpack.QpkReader(path) as reader:
             head = reader.data_start
             version = reader.version
+            fixed = report.file_bytes - sum(e.length for e in reader.entries.values())
+            fixed_v3 = fixed_bytes(list(reader.entries.values()), reader.metadata, 3)  # 64-byte aligned
         options = len(report.metadata.get("qpack.options", ""))
         raw_rows = [r for r in report.tensors if r.encoding == "raw"]
         lossless = (sum(r.original_bytes for r in raw_rows), sum(r.stored_bytes for r in raw_rows))
         row = {"model": name, "weights": how, "parameters": numel, "tensors": len(state), "version": version,
                "header_stored": stored_h, "head_bytes": head, "head_per_entry": head / len(state),
+               "fixed_bytes": fixed, "fixed_per_entry": fixed / len(state), "fixed_bytes_v3": fixed_v3,
                "options_json": options, "file_b8": report.file_bytes,
                "lossless_raw": lossless[0], "lossless_stored": lossless[1], "groups": []}
-        print(f"{name:<12} {numel:>7,} {len(state):>7} {stored_h:>6} {head:>6} {head / len(state):>7.1f} "
+        print(f"{name:<12} {numel:>7,} {len(state):>7} {stored_h:>6} {head:>6} {fixed:>6} {fixed / len(state):>7.1f} {fixed_v3:>6} "
               f"{options:>7} {report.file_bytes:>9,}  {lossless[0]:,} -> {lossless[1]:,}  (v{version}, {how})")
         for group in (32, 64):
             for dtype in param_dtypes():
