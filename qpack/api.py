@@ -55,6 +55,10 @@ class PackReport:
     seconds: float | None = None
     #: with --target-bpw or --max-error: the objective, quality floor (dB) and predicted error
     allocation: dict[str, Any] | None = None
+    #: ``info`` only: the file's format version and the bytes it spends besides its payloads
+    #: (preamble, header, padding; spec 1)
+    format_version: int | None = None
+    container_bytes: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -72,6 +76,8 @@ class PackReport:
             "notes": list(self.notes),
             "metadata": dict(self.metadata),
             "allocation": None if self.allocation is None else json_safe(dict(self.allocation)),
+            "format_version": self.format_version,
+            "container_bytes": self.container_bytes,
             "tensors": [json_safe(asdict(t)) for t in self.tensors],
         }
 
@@ -597,7 +603,8 @@ def info(path: str | os.PathLike[str]) -> PackReport:
         original = sum(r.original_bytes for r in rows)
         metadata = dict(reader.metadata)
         return PackReport(str(path), rows, size, original, metadata=metadata,
-                          allocation=_allocation_of(metadata, rows))
+                          allocation=_allocation_of(metadata, rows), format_version=reader.version,
+                          container_bytes=size - sum(r.stored_bytes for r in rows))
 
 
 #: stats above this are not counts a tensor can have (R11 allows 2^48 elements)

@@ -349,6 +349,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"{key}: {value}")
     if report.allocation is not None:
         print(_allocation_line(report.allocation))
+    print(f"container: .qpk version {report.format_version}, {report.container_bytes:,} bytes besides the "
+          f"payloads (preamble, header, padding)")
     print(f"total: {human_bytes(report.file_bytes)} file for {human_bytes(report.original_bytes)} of tensors "
           f"({100 * report.ratio:.1f} %, {report.original_bytes / max(report.file_bytes, 1):.2f}x smaller)")
     return 0

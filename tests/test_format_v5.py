@@ -123,3 +123,19 @@ def test_a_derived_entry_needs_version_4_or_later(tmp_path):
     with pytest.raises(qpack.InputError, match="needs version 4"):
         rewrite(tmp_path / "d.qpk", tmp_path / "d3.qpk", 3)
     assert not (tmp_path / "d3.qpk").exists()
+
+
+def test_info_names_the_version_and_what_the_container_costs(tmp_path, capsys):
+    from qpack.cli import main
+
+    qpack.pack(small_bn_cnn(), tmp_path / "m.qpk", bits=4, min_numel=64)
+    rewrite(tmp_path / "m.qpk", tmp_path / "v3.qpk", 3)
+    for name, version in (("m.qpk", 5), ("v3.qpk", 3)):
+        report = qpack.info(tmp_path / name)
+        with QpkReader(tmp_path / name) as reader:
+            fixed = fixed_bytes(list(reader.entries.values()), reader.metadata, version)
+        assert report.format_version == version and report.container_bytes == fixed
+        assert report.to_dict()["container_bytes"] == fixed
+        assert main(["info", str(tmp_path / name)]) == 0
+        assert f"container: .qpk version {version}, {fixed:,} bytes besides the payloads" in capsys.readouterr().out
+    assert qpack.info(tmp_path / "v3.qpk").container_bytes > qpack.info(tmp_path / "m.qpk").container_bytes
