@@ -234,6 +234,22 @@ class MobileNetDW(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ExamplesNet(nn.Module):
+    """pytorch/examples' MNIST network (mnist/main.py): conv 32@3x3, conv 64@3x3, max-pool,
+    dropout 0.25, fc 9216-128 (1.18 M of its 1.2 M weights), dropout 0.5, fc 128-10, ReLU,
+    inputs standardised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, 1), nn.Conv2d(32, 64, 3, 1)
+        self.fc1, self.fc2 = nn.Linear(9216, 128), nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1((x - MNIST_MEAN) / MNIST_STD))))
+        x = F.dropout(F.max_pool2d(x, 2), 0.25, self.training).flatten(1)
+        return self.fc2(F.dropout(F.relu(self.fc1(x)), 0.5, self.training))
+
+
 class CharTransformer(nn.Module):
     """A GPT-style character model: token and position embeddings, pre-norm blocks (causal
     self-attention, GELU MLP), a final LayerNorm and an untied output layer."""
@@ -272,6 +288,7 @@ ARCHS: dict[str, tuple[type[nn.Module], str]] = {
     "bn_cnn": (BNNet, "BN CNN 16-32, fc 1568-128 with BatchNorm1d, dropout"),
     "resnet14": (ResNet14, "ResNet-14 (3 stages x 2 basic blocks, 16-32-64), BN, skip connections"),
     "mobilenet_dw": (MobileNetDW, "MobileNet-v1 style: depthwise-separable blocks 16-32-64-64-128, BN, ReLU6"),
+    "examples_net": (ExamplesNet, "pytorch/examples MNIST net: conv 32-64, fc 9216-128-10, dropout"),
     "char_transformer": (CharTransformer, "char transformer: 3 pre-norm layers, d_model 128, 4 heads, context 128"),
 }
 
@@ -288,7 +305,7 @@ class Recipe:
     """How one network is trained.
 
     Attributes:
-        optimizer: ``sgd`` (momentum), ``adam`` or ``adamw``.
+        optimizer: ``sgd`` (momentum), ``adam``, ``adamw`` or ``adadelta``.
         lr: peak learning rate.
         epochs: passes over the 60 k training images (the transformer: ``steps`` instead).
         batch: batch size.
@@ -296,7 +313,8 @@ class Recipe:
         weight_decay: L2 (SGD, Adam) or decoupled (AdamW).
         l1: weight of ``sum |w|`` over the weight tensors (>= 2 dims) added to the loss.
         augment: random affine per image (rotation, scale, shift), via ``affine_grid``.
-        schedule: ``onecycle``, ``cosine``, ``step`` (x0.1 at 2/3) or ``const``.
+        schedule: ``onecycle``, ``cosine``, ``step`` (x0.1 at 2/3), ``epoch0.7`` (x0.7 each
+            epoch, pytorch/examples' StepLR) or ``const``.
         label_smoothing: cross-entropy label smoothing.
         steps: transformer training steps; ``seed``: torch seed.
     """
@@ -343,6 +361,8 @@ ZOO: tuple[Entry, ...] = (
     Entry("tiny_bn_adamw_aug", "tiny_bn", Recipe("adamw", 3e-3, epochs=1, weight_decay=1e-2, augment=True)),
     Entry("bn_cnn_adam_ls", "bn_cnn", Recipe("adam", 2e-3, epochs=1, weight_decay=1e-4, label_smoothing=0.1)),
     Entry("resnet14_sgd", "resnet14", Recipe("sgd", 0.1, epochs=1, nesterov=True, weight_decay=5e-4)),
+    Entry("examples_net_adadelta", "examples_net", Recipe("adadelta", 1.0, epochs=3, batch=64, schedule="epoch0.7"),
+          notes="pytorch/examples' recipe (Adadelta lr 1.0, x0.7 a epoch, batch 64), 3 of its 14 epochs"),
     Entry("mobilenet_dw_sgd_aug", "mobilenet_dw",
           Recipe("sgd", 0.1, epochs=2, nesterov=True, weight_decay=4e-5, augment=True, schedule="cosine"),
           notes="MobileNet's small weight decay (4e-5)"),
@@ -497,6 +517,8 @@ def _optimizer(net: nn.Module, r: Recipe) -> torch.optim.Optimizer:
         return torch.optim.Adam(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     if r.optimizer == "adamw":
         return torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    if r.optimizer == "adadelta":
+        return torch.optim.Adadelta(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     raise ValueError(f"unknown optimizer {r.optimizer}")
 
 
@@ -507,6 +529,8 @@ def _scheduler(opt: torch.optim.Optimizer, r: Recipe, total: int) -> torch.optim
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     if r.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, max(1, 2 * total // 3), 0.1)
+    if r.schedule == "epoch0.7":
+        return torch.optim.lr_scheduler.StepLR(opt, max(1, total // max(r.epochs, 1)), 0.7)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
