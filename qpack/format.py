@@ -257,7 +257,7 @@ def layout_offsets(lengths: list[int], version: int = VERSION) -> list[int]:
 def data_start(header_end: int, lengths: list[int], version: int = VERSION) -> int:
     """D, where the data section starts (spec 1): ``header_end`` (24 + H) rounded up to
     ALIGNMENT, or in version 5, where no payload starts aligned, ``header_end`` itself."""
-    if any(_aligned(length, version) for length in lengths) or version < PACKED_VERSION:
+    if version < PACKED_VERSION or any(_aligned(length, version) for length in lengths):
         return align(header_end)
     return header_end
 
