@@ -144,7 +144,7 @@ def test_decode_follows_the_worked_example_of_the_spec():
 
 @pytest.fixture(scope="module")
 def masked_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    path = tmp_path_factory.mktemp("v4") / "v4.qpk"
+    path = tmp_path_factory.mktemp("masked") / "masked.qpk"
     w = pruned()
     qpack.pack({"w": w, "w.mask": (w != 0).float(), "other": torch.randn(5, 400), "b": torch.randn(40)}, path)
     return path.read_bytes()

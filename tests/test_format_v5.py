@@ -4,7 +4,6 @@ start 64-byte aligned; qpack writes version 5 and still writes and reads version
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import qpack
 from qpack import QpkReader
 from qpack.errors import FormatError
 from qpack.format import ALIGNED_PAYLOAD, PREAMBLE_SIZE, fixed_bytes
-from qpack.writer import QpkWriter
+from test_reader_rules import rewrite
 
 VECTORS = Path(__file__).resolve().parents[1] / "specs" / "vectors"
 _spec = importlib.util.spec_from_file_location("make_vectors", VECTORS / "make_vectors.py")
@@ -35,17 +34,6 @@ def layout(path: Path) -> tuple[int, int, list]:
     """(version, D, entries in file order)."""
     with QpkReader(path) as reader:
         return reader.version, reader.data_start, list(reader.entries.values())
-
-
-def rewrite(path: Path, target: Path, version: int) -> None:
-    """The same entries and stored payloads, written as ``version``."""
-    data = path.read_bytes()
-    with QpkReader(path) as reader:
-        start, entries, metadata = reader.data_start, list(reader.entries.values()), reader.metadata
-    with QpkWriter(target, overwrite=True, metadata=metadata, version=version) as writer:
-        for entry in entries:
-            writer.add(replace(entry), data[start + entry.offset:start + entry.offset + entry.length])
-        writer.finish()
 
 
 def test_short_payloads_follow_each_other_and_older_versions_still_pad(tmp_path):

@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         with qpack.QpkReader(path) as reader:
             head = reader.data_start
             version = reader.version
-            fixed = report.file_bytes - sum(e.length for e in reader.entries.values())
             fixed_v3 = fixed_bytes(list(reader.entries.values()), reader.metadata, 3)  # 64-byte aligned
+        fixed = qpack.info(path).container_bytes
         options = len(report.metadata.get("qpack.options", ""))
         raw_rows = [r for r in report.tensors if r.encoding == "raw"]
         lossless = (sum(r.original_bytes for r in raw_rows), sum(r.stored_bytes for r in raw_rows))
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                "fixed_bytes": fixed, "fixed_per_entry": fixed / len(state), "fixed_bytes_v3": fixed_v3,
                "options_json": options, "file_b8": report.file_bytes,
                "lossless_raw": lossless[0], "lossless_stored": lossless[1], "groups": []}
-        print(f"{name:<12} {numel:>7,} {len(state):>7} {stored_h:>6} {head:>6} {fixed:>6} {fixed / len(state):>7.1f} {fixed_v3:>6} "
-              f"{options:>7} {report.file_bytes:>9,}  {lossless[0]:,} -> {lossless[1]:,}  (v{version}, {how})")
+        print(f"{name:<12} {numel:>7,} {len(state):>7} {stored_h:>6} {head:>6} {fixed:>6} "
+              f"{fixed / len(state):>7.1f} {fixed_v3:>6} {options:>7} {report.file_bytes:>9,}  {lossless[0]:,} -> {lossless[1]:,}  (v{version}, {how})")
         for group in (32, 64):
             for dtype in param_dtypes():
                 extra = {} if dtype is None else {"param_dtype": dtype}
