@@ -89,9 +89,11 @@ CANDIDATE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 #: wider than its values by 2^(1/4), 2^(1/2) and 2^(3/4) has the steps between two widths'
 #: (quarter-bit steps of entropy-coded size, about 1.5 dB of SNR each), where one width to the
 #: next moves 6 dB; a tensor that holds most of a model's weights has then more than two
-#: sizes near the target to choose from
+#: sizes near the target to choose from. At 8 bits they give the sizes between 7 and 8: without
+#: them pytorch/examples' MNIST network (98 % of its weights in one layer) stopped at 4.80 bits
+#: per weight for --target-bpw 5 (4.996 with them)
 SPANS = (1.0, 2 ** 0.25, 2 ** 0.5, 2 ** 0.75)
-SPAN_BITS = frozenset({3, 4, 5, 6, 7})
+SPAN_BITS = frozenset({3, 4, 5, 6, 7, 8})
 #: weight of the first and the last quantized tensor (input and output layers) in the objective
 EDGE_WEIGHT = 4.0
 #: weight of the second quantized tensor, where there are at least four (with three, the one
