@@ -70,7 +70,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs",
         type=_positive,
-        help="training epochs (default: the network's recipe: seed 5, LeNet-300-100 30, LeNet-5 12 on MNIST, "
+        help="training epochs (default: the network's recipe: seed 5, LeNet-300-100 60, LeNet-5 12 on MNIST, "
         "30 (seed) or 40 on the digits; 1 with --quick)",
     )
     parser.add_argument(

@@ -205,7 +205,9 @@ class Recipe:
 
 #: each network's recipe: the seed's for the seed CNN; Caffe's LeNet solver for the LeNets.
 #: 12 epochs of LeNet-5 are 11,250 Caffe iterations (its example stops at 10,000: 0.9-1.0 %
-#: error); LeNet-300-100 takes about 30 epochs to reach Han et al.'s 1.64 %, and 5 epochs
+#: error); LeNet-300-100 trains 60 epochs: over seeds 1, 2, 3 and 1337 its test error, averaged
+#: over ten epochs, falls from 1.83 % (epochs 21-30) to 1.79, 1.76 and 1.74 % (51-60), still
+#: above Han et al.'s 1.64 % (the "inv" rate decays slowly: 0.0024 at epoch 60); 5 epochs
 #: of retraining a pruning round (measured: 3 rounds of 2 epochs left Han's 8 % of the
 #: weights at -0.2 points, 3 of 5 at -0.08; a tenth of the rate, Han's habit, at -0.6);
 #: LeNet-5 retrains 3 (2 rounds of 1 epoch left Han's shares at -0.17 points). The seed's
@@ -215,7 +217,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "seed": Recipe(SEED_RECIPE, 5, 30, 1, 1, 1.0, 1e-4, 1e-3, False,
                    replace(SEED_RECIPE, l1=1e-4, shift=3, lr_policy="inv", gamma=0.01)),
-    "lenet300": Recipe(CAFFE_LENET_RECIPE, 30, 40, 5, 3, 1.0, 1e-4, 1e-4, False),
+    "lenet300": Recipe(CAFFE_LENET_RECIPE, 60, 40, 5, 3, 1.0, 1e-4, 1e-4, False),
     "lenet5": Recipe(CAFFE_LENET_RECIPE, 12, 40, 3, 2, 1.0, 1e-4, 1e-4, False),
 }
 
