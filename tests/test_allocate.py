@@ -617,9 +617,8 @@ def test_wider_8_bit_grids_fill_a_target_between_7_and_8_bits(tmp_path, monkeypa
     gen = torch.Generator().manual_seed(5)
     state = {"fc1.weight": torch.randn(256, 400, generator=gen) * 0.05,
              "fc2.weight": torch.randn(10, 256, generator=gen) * 0.1}
-    n = sum(t.numel() for t in state.values())
-    b7 = qpack.pack(state, tmp_path / "b7.qpk", bits=7).file_bytes * 8 / n
-    b8 = qpack.pack(state, tmp_path / "b8.qpk", bits=8).file_bytes * 8 / n
+    b7 = bits_per_weight(qpack.pack(state, tmp_path / "b7.qpk", bits=7), state)
+    b8 = bits_per_weight(qpack.pack(state, tmp_path / "b8.qpk", bits=8), state)
     target = (b7 + b8) / 2
     chosen = qpack.pack(state, tmp_path / "t.qpk", target_bpw=target)
     rows = {r.name: r for r in chosen.tensors}

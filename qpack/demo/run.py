@@ -206,7 +206,8 @@ class Recipe:
 #: each network's recipe: the seed's for the seed CNN; Caffe's LeNet solver for the LeNets.
 #: 12 epochs of LeNet-5 are 11,250 Caffe iterations (its example stops at 10,000: 0.9-1.0 %
 #: error); LeNet-300-100 trains 60 epochs: over seeds 1, 2, 3 and 1337 its test error, averaged
-#: over ten epochs, falls from 1.83 % (epochs 21-30) to 1.79, 1.76 and 1.74 % (51-60), still
+#: over ten epochs, falls from 1.83 % (epochs 21-30) to 1.79, 1.76 and 1.74 % (31-40, 41-50,
+#: 51-60), still
 #: above Han et al.'s 1.64 % (the "inv" rate decays slowly: 0.0024 at epoch 60); 5 epochs
 #: of retraining a pruning round (measured: 3 rounds of 2 epochs left Han's 8 % of the
 #: weights at -0.2 points, 3 of 5 at -0.08; a tenth of the rate, Han's habit, at -0.6);
