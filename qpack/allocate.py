@@ -17,7 +17,8 @@ full, as the exhaustive search did. Either way the plan is checked on encoded en
 The objective (what the allocation minimises, or bounds) is, by default, a sum over layers:
 
     E = sum_t w_t * rel_t^2,   w_t = EDGE_WEIGHT for the first and the last quantized tensor,
-                               SECOND_WEIGHT for the second (of four or more), else 1
+                               SECOND_WEIGHT for the second (of four or more),
+                               POOLED_WEIGHT for the conv before a global pool, else 1
 
 Why per layer, not per element: a layer whose weights carry relative noise rel_t perturbs its
 own output by about rel_t relative to that output, whatever its size (noise that is
@@ -35,7 +36,9 @@ a time, the increase of KL divergence from the fp32 outputs), the first layer wa
 sensitive as the median middle layer on all nine MNIST networks, and the second 1.6-3.9x on
 six of the seven with four or more quantized tensors (0.8x on the Caffe LeNet; 24x on the
 character transformer, whose second is its position embedding); deeper layers were at
-0.1-1.3x, a ResNet's 1x1 shortcuts 2-4x. ``predicted_error`` is the weighted RMS of
+0.1-1.3x, a ResNet's 1x1 shortcuts 2-4x; the last conv before a global average pool 0.07-0.16x
+(``pooled_conv``): the pool averages its noise, different at each position, away. Its floor
+is ``POOLED_FLOOR_RELIEF`` lower too. ``predicted_error`` is the weighted RMS of
 the per-layer relative errors, sqrt(E / sum_t w_t); ``--max-error`` bounds it.
 
 With ``sensitivity`` (from :func:`qpack.measure_sensitivity`: measured on data), the weight
@@ -62,7 +65,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from numbers import Real
 from typing import Any, NamedTuple
@@ -80,8 +83,8 @@ from .parallel import map_all, trial_workers
 from .policy import Decision, Policy, granularity_for, parse_granularity
 from .writer import planned_file_bytes
 
-__all__ = ["CANDIDATE_BITS", "EDGE_WEIGHT", "SECOND_WEIGHT", "Allocation", "Choice", "allocate", "plan",
-           "candidate_granularities", "layer_weights"]
+__all__ = ["CANDIDATE_BITS", "EDGE_WEIGHT", "SECOND_WEIGHT", "POOLED_WEIGHT", "Allocation", "Choice", "allocate", "plan",
+           "candidate_granularities", "describe_floors", "layer_weights", "pooled_conv"]
 
 #: widths tried for each tensor
 CANDIDATE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -99,6 +102,20 @@ EDGE_WEIGHT = 4.0
 #: weight of the second quantized tensor, where there are at least four (with three, the one
 #: between the edges is the middle layer all others are measured against)
 SECOND_WEIGHT = 2.0
+#: weight of the last convolution when it feeds a global average pool (see ``pooled_conv``):
+#: its noise, different at every position of its output, is averaged away by the pool, while
+#: the features it computes are not. Measured (bench_layer_noise.py, Gaussian noise, per unit
+#: rel^2, over the median middle layer): 0.07 and 0.16 on two small BN CNNs, 0.09 on a ResNet,
+#: 0.10 on a MobileNet, every time the least sensitive layer of its network; with weight 1 the
+#: allocation gave it as many bits as the layer before it, which was 7-11x as sensitive. 0.25
+#: keeps a margin of 1.5-3.5x
+POOLED_WEIGHT = 0.25
+#: kernels of at most this many positions count as a pooled conv (``pooled_conv``); a larger
+#: kernel on the last feature map, LeNet-5's 5x5 c5 on a 5x5 map, computes a single position
+#: that no pool averages
+POOLED_KERNEL = 9
+#: dB below the quality floor that the pooled conv may go
+POOLED_FLOOR_RELIEF = 3.0
 #: tensors under this many elements are encoded at every candidate rather than predicted: it
 #: costs little, and the estimate's k-means codebooks, fitted by Lloyd's algorithm from one
 #: start, come out worse than the encoder's on few points (on the zoo's checkpoints, with
@@ -179,6 +196,8 @@ class _Measured:
     kept_bytes: int = 0
     #: quantized tensor -> its element count (the order confirmations are started in)
     sizes: dict[str, int] = field(default_factory=dict)
+    #: quantized tensor -> dB its quality floor lies below the policy's (``POOLED_FLOOR_RELIEF``)
+    floor_relief: dict[str, float] = field(default_factory=dict)
 
     def confirm(self, columns: Mapping[str, int]) -> bool:
         """Encode the given columns where they are predicted, and put what they really cost
@@ -252,6 +271,8 @@ class Allocation:
     budget_bytes: int | None = None
     #: "per-layer" (the default objective) or "sensitivity" (weights measured on data)
     objective: str = "per-layer"
+    #: tensors whose own floor is below ``min_snr_db`` (the pooled conv: ``POOLED_FLOOR_RELIEF``), dB
+    tensor_floors: Mapping[str, float] = field(default_factory=dict)
     #: tensor -> (decision, entry, payload, report row): chosen candidates encoded while
     #: planning, which :func:`qpack.pack` writes as they are when its decision is the same
     encoded: Mapping[str, tuple[Decision, TensorEntry, Any, Any]] = field(default_factory=dict, repr=False,
@@ -260,8 +281,9 @@ class Allocation:
     def summary(self) -> dict[str, Any]:
         """The numbers worth recording in the file (JSON-ready, rounded so bytes stay stable)."""
         # short: the file pays for it (the lowest SNR and who is below the floor are in the entries)
+        own = {"tensor_floors": dict(self.tensor_floors)} if self.tensor_floors else {}
         return {"objective": self.objective, "min_snr_db": self.min_snr_db,
-                "predicted_error": _round(self.predicted_error)}
+                "predicted_error": _round(self.predicted_error), **own}
 
 
 def _round(value: float) -> float:
@@ -337,20 +359,50 @@ def plan(tensors: Mapping[str, torch.Tensor], policy: Policy, target_bpw: float 
     return replace(result, encoded=kept)
 
 
-def layer_weights(sizes: Mapping[str, int], sensitivity: Mapping[str, float] | None = None) -> dict[str, float]:
-    """The objective's weight of each quantized tensor (``{name: numel}`` in file order).
+def pooled_conv(shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """The quantized tensor (``{name: shape}`` in file order) that is the last convolution
+    before a global average pool, or None: the last 4-D weight, not the first tensor, with a
+    kernel of at most ``POOLED_KERNEL`` positions, whose output channels are the input
+    features of the 2-D weight right after it (a pooled head: ResNets, MobileNets, small BN
+    CNNs; a flattened head has channels x positions inputs), and not a residual block's 1x1
+    shortcut."""
+    names = list(shapes)
+    convs = [i for i, name in enumerate(names) if len(shapes[name]) == 4]
+    if not convs or convs[-1] in (0, len(names) - 1):
+        return None
+    conv, head = shapes[names[convs[-1]]], shapes[names[convs[-1] + 1]]
+    pooled = len(head) == 2 and head[1] == conv[0] and conv[2] * conv[3] <= POOLED_KERNEL
+    # a ResNet whose last block downsamples ends on its 1x1 shortcut, which maps the same
+    # channels as the block's first 3x3 conv; shortcuts are 2-4x a middle layer, not a pooled conv
+    shortcut = conv[2] * conv[3] == 1 and any(
+        tuple(shapes[names[i]][:2]) == tuple(conv[:2]) and shapes[names[i]][2] * shapes[names[i]][3] > 1
+        for i in convs[-4:-1])
+    return names[convs[-1]] if pooled and not shortcut else None
+
+
+def describe_floors(tensor_floors: Mapping[str, Any]) -> str:
+    """The tensors' own floors (``Allocation.tensor_floors``) as a parenthesis after the floor."""
+    return "".join(f" ({floor:g} dB for {name}, the conv before global pooling)" for name, floor in tensor_floors.items()
+                   if isinstance(floor, (int, float)) and not isinstance(floor, bool))
+
+
+def layer_weights(shapes: Mapping[str, Sequence[int]], sensitivity: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The objective's weight of each quantized tensor (``{name: shape}`` in file order).
 
     Per layer: 1 each, ``EDGE_WEIGHT`` for the first and the last, ``SECOND_WEIGHT`` for the
-    second where there are four or more. With ``sensitivity``:
-    numel * its weight (1 for names it lacks).
+    second where there are four or more, ``POOLED_WEIGHT`` for the convolution that feeds a
+    global average pool (``pooled_conv``). With ``sensitivity``: numel * its weight (1 for
+    names it lacks).
     """
     if sensitivity is not None:
-        return {name: numel * sensitivity.get(name, 1.0) for name, numel in sizes.items()}
-    weights = dict.fromkeys(sizes, 1.0)
+        return {name: math.prod(shape) * sensitivity.get(name, 1.0) for name, shape in shapes.items()}
+    weights = dict.fromkeys(shapes, 1.0)
     if weights:
         names = list(weights)
         if len(names) >= 4:
             weights[names[1]] = SECOND_WEIGHT
+        if (pooled := pooled_conv(shapes)) is not None:
+            weights[pooled] = POOLED_WEIGHT
         weights[names[0]] = weights[names[-1]] = EDGE_WEIGHT
     return weights
 
@@ -434,6 +486,7 @@ def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: M
     decisions: dict[str, Decision] = {}
     settings: dict[str, list[_Setting]] = {}
     sizes: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     elements = 0
     for name, numel, done in map_all(measure, list(tensors), trial_workers(4)):
         elements += numel
@@ -443,14 +496,16 @@ def _measure(tensors: Mapping[str, torch.Tensor], policy: Policy, sensitivity: M
         decision, found, columns = done
         trials[name], rel[name] = [t for t, _ in found], [r for _, r in found]
         entries.append(name)
-        sizes[name] = numel
+        sizes[name], shapes[name] = numel, tuple(tensors[name].shape)
         if not all(t.exact for t in trials[name]):
             decisions[name], settings[name] = decision, columns
-    weights = layer_weights(sizes, sensitivity)
+    weights = layer_weights(shapes, sensitivity)
     for name, row in trials.items():
         trials[name] = [t._replace(cost=r * r * weights[name]) for t, r in zip(row, rel[name])]
+    pooled = pooled_conv(shapes) if sensitivity is None else None
+    relief = {} if pooled is None else {pooled: POOLED_FLOOR_RELIEF}
     return _Measured(trials, weights, entries, elements, tensors, decisions, settings, settled=not settings,
-                     sizes=sizes)
+                     sizes=sizes, floor_relief=relief)
 
 
 def _candidates(policy: Policy, granularities: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -646,12 +701,15 @@ def _sketch(name: str, tensor: torch.Tensor, decision: Decision, setting: _Setti
     return entry
 
 
-def _apply_floor(trials: Mapping[str, list[_Trial]], floor: float | None) -> dict[str, list[bool]]:
-    """Which candidates the floor allows: those at or above it, and each tensor's most accurate."""
+def _apply_floor(trials: Mapping[str, list[_Trial]], floor: float | None,
+                 relief: Mapping[str, float]) -> dict[str, list[bool]]:
+    """Which candidates the floor allows: those at or above it (less a tensor's ``relief``, dB),
+    and each tensor's most accurate."""
     allowed = {}
     for name, row in trials.items():
         best = max(t.snr_db for t in row)
-        allowed[name] = [floor is None or t.snr_db >= floor or t.snr_db == best for t in row]
+        own = None if floor is None else floor - relief.get(name, 0.0)
+        allowed[name] = [own is None or t.snr_db >= own or t.snr_db == best for t in row]
     return allowed
 
 
@@ -673,6 +731,8 @@ class _Planner:
     def fixed_for(self, columns: Mapping[str, int]) -> int:
         """The planned file of these columns, with the longest summary, less their own bytes."""
         longest = {"objective": "sensitivity", "min_snr_db": _LONGEST_ERROR, "predicted_error": _LONGEST_ERROR}
+        if self.measured.floor_relief:
+            longest["tensor_floors"] = dict.fromkeys(self.measured.floor_relief, _LONGEST_ERROR)
         return self.file_bytes(columns, longest) - self.quantized_bytes(columns)
 
     def quantized_bytes(self, columns: Mapping[str, int]) -> int:
@@ -693,11 +753,14 @@ class _Planner:
         chosen = {name: trials[name][column] for name, column in columns.items()}
         error = math.sqrt(sum(t.cost for t in chosen.values()) / max(sum(weights.values()), 1e-300))
         lowest = min((t.snr_db for t in chosen.values()), default=None)
-        below = tuple(name for name, t in chosen.items() if min_snr_db is not None and t.snr_db < min_snr_db)
+        own = {} if min_snr_db is None else {name: min_snr_db - relief
+                                             for name, relief in self.measured.floor_relief.items()}
+        below = tuple(name for name, t in chosen.items()
+                      if min_snr_db is not None and t.snr_db < own.get(name, min_snr_db))
         result = Allocation({name: Choice(t.bits, t.granularity, t.method, t.span) for name, t in chosen.items()},
                             error, min_snr_db, None if lowest is None or math.isinf(lowest) else lowest, below,
                             0, self.fixed, self.quantized_bytes(columns), budget,
-                            "sensitivity" if measured_sensitivity else "per-layer")
+                            "sensitivity" if measured_sensitivity else "per-layer", own)
         size = self.file_bytes(columns, result.summary())
         return replace(result, file_bytes=size, fixed_bytes=size - result.quantized_bytes)
 
@@ -726,7 +789,7 @@ def _confirmed(measured: _Measured, floor: float | None,
             # fails is every column encoded
             if last is not None:
                 measured.confirm_near(last, _NEAR_SIZE)
-            allowed = _apply_floor(measured.trials, floor)
+            allowed = _apply_floor(measured.trials, floor, measured.floor_relief)
             encoded = {name: [ok and t.exact for ok, t in zip(allowed[name], row)]
                        for name, row in measured.trials.items()}
             columns = solve(encoded, True) if all(any(row) for row in encoded.values()) else None
@@ -734,7 +797,7 @@ def _confirmed(measured: _Measured, floor: float | None,
                 measured.settled = True
                 return columns, encoded
             measured.confirm_all()
-        allowed = _apply_floor(measured.trials, floor)
+        allowed = _apply_floor(measured.trials, floor, measured.floor_relief)
         columns = solve(allowed, thorough)
         if columns is None and limited is not None:
             least = {name: int(np.argmin([t[limited] for t in row])) for name, row in _masked(measured, allowed).items()}
@@ -819,7 +882,8 @@ def _infeasible(measured: _Measured, planner: _Planner, target_bpw: float, floor
     trials = measured.trials
     name = max(columns, key=lambda n: trials[n][columns[n]].size - min(t.size for t in trials[n]))
     return (f"--target-bpw {target_bpw:g} would push some quantized tensors (e.g. {name!r}) below the quality "
-            f"floor of {floor:g} dB SNR; the smallest target that keeps every one above it is "
+            f"floor of {floor:g} dB SNR{describe_floors({n: floor - r for n, r in measured.floor_relief.items()})}; "
+            f"the smallest target that keeps every one above it is "
             f"{feasible:.2f} bits per weight (or lower the floor with --min-snr, or allow it with "
             f"--allow-below-floor)")
 

@@ -324,7 +324,10 @@ class _SharedEncodes:
 
 def _allocation_notes(chosen: Any, target_bpw: float | None) -> list[str]:
     """What the allocation counted and predicts, in words."""
+    from .allocate import describe_floors
+
     floor = "no quality floor" if chosen.min_snr_db is None else f"floor {chosen.min_snr_db:g} dB SNR per tensor"
+    floor += describe_floors(chosen.tensor_floors)
     lowest = "" if chosen.lowest_snr_db is None else f", lowest {chosen.lowest_snr_db:.1f} dB"
     notes = [f"allocation: predicted error {chosen.predicted_error:.4f} (weighted RMS of the per-layer relative "
              f"errors, {chosen.objective}); {floor}{lowest}"]
@@ -349,10 +352,13 @@ def _allocation_of(metadata: Mapping[str, str], rows: list[TensorReport]) -> dic
     if not isinstance(found, dict):
         return None
     floor = found.get("min_snr_db")
+    own = found.get("tensor_floors")
+    own = {name: dB for name, dB in own.items() if isinstance(dB, (int, float))} if isinstance(own, dict) else {}
     snrs = {r.name: r.snr_db for r in rows if r.encoding != "raw" and isinstance(r.snr_db, (int, float))}
     return {"target_bpw": options.get("target_bpw"), "max_error": options.get("max_error"), **found,
             "lowest_snr_db": min(snrs.values(), default=None),
-            "below_floor": [name for name, snr in snrs.items() if isinstance(floor, (int, float)) and snr < floor]}
+            "below_floor": [name for name, snr in snrs.items()
+                            if isinstance(floor, (int, float)) and snr < own.get(name, floor)]}
 
 
 def _options(policy: Policy, target_bpw: float | None, max_error: float | None,

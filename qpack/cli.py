@@ -363,13 +363,17 @@ def _stat(value: float | None, spec: str) -> str:
     return f"{value:{spec}}" if abs(value) < 1e9 else f"{value:.3g}"
 def _allocation_line(summary: dict[str, Any]) -> str:
     """One line on what an allocation chose against: its limit, floor and predicted error."""
+    from .allocate import describe_floors
+
     limit = (f"--target-bpw {summary['target_bpw']:g}" if summary.get("target_bpw") is not None
              else f"--max-error {summary.get('max_error')}")
     floor = summary.get("min_snr_db")
     lowest = summary.get("lowest_snr_db")
     below = summary.get("below_floor") or []
+    own = summary.get("tensor_floors")
+    own = describe_floors(own) if isinstance(own, dict) and floor is not None else ""
     return (f"allocation: {limit}, {summary.get('objective')} objective, predicted error "
-            f"{summary.get('predicted_error')}, floor {'none' if floor is None else f'{floor:g} dB SNR'}"
+            f"{summary.get('predicted_error')}, floor {'none' if floor is None else f'{floor:g} dB SNR'}{own}"
             f"{'' if lowest is None else f', lowest {lowest:.1f} dB'}"
             f"{f', below the floor: {len(below)} tensor(s)' if below else ''}")
 

@@ -39,9 +39,54 @@ def default_weights(count):
 def test_default_weights_fall_from_the_input():
     from qpack.allocate import layer_weights
 
-    assert list(layer_weights({"a": 9, "b": 90, "c": 900, "d": 10}).values()) == [4.0, 2.0, 1.0, 4.0]
-    assert list(layer_weights({"a": 9, "b": 90, "c": 10}).values()) == [4.0, 1.0, 4.0]  # no second among 3
-    assert list(layer_weights({"a": 9}).values()) == [4.0]
+    assert list(layer_weights({"a": (9,), "b": (90,), "c": (900,), "d": (10,)}).values()) == [4.0, 2.0, 1.0, 4.0]
+    assert list(layer_weights({"a": (9,), "b": (90,), "c": (10,)}).values()) == [4.0, 1.0, 4.0]  # no second among 3
+    assert list(layer_weights({"a": (9,)}).values()) == [4.0]
+
+
+def test_the_conv_before_global_pooling_weighs_less_and_may_go_lower():
+    """The last conv feeding a pooled head (its channels are the next layer's inputs) gets
+    POOLED_WEIGHT and a floor POOLED_FLOOR_RELIEF lower; a flattened head, a 5x5 kernel (LeNet's
+    c5, one position) or measured sensitivity leave every layer as it was."""
+    from qpack.allocate import POOLED_FLOOR_RELIEF, POOLED_WEIGHT, layer_weights, plan, pooled_conv
+    from qpack.policy import Policy
+
+    pooled = {"stem": (16, 1, 3, 3), "b1": (32, 16, 3, 3), "b2": (32, 32, 3, 3), "last": (48, 32, 3, 3),
+              "fc": (10, 48)}
+    assert pooled_conv(pooled) == "last"
+    assert list(layer_weights(pooled).values()) == [4.0, 2.0, 1.0, POOLED_WEIGHT, 4.0]
+    assert pooled_conv({**pooled, "fc": (10, 48 * 49)}) is None  # flattened: channels x positions
+    assert pooled_conv({**pooled, "last": (48, 32, 5, 5)}) is None  # a kernel over the whole map
+    assert pooled_conv({"stem": (48, 1, 3, 3), "fc": (10, 48)}) is None  # first and edge already
+    block = {"stem": (16, 1, 3, 3), "conv1": (32, 16, 3, 3), "conv2": (32, 32, 3, 3), "shortcut": (32, 16, 1, 1),
+             "fc": (10, 32)}
+    assert pooled_conv(block) is None  # a downsampling block's 1x1 shortcut comes last
+    separable = {"stem": (16, 1, 3, 3), "dw": (64, 1, 3, 3), "pw": (128, 64, 1, 1), "fc": (10, 128)}
+    assert pooled_conv(separable) == "pw"  # a MobileNet's last pointwise conv
+    assert list(layer_weights(pooled, {"last": 1.0}).values())[3] == 32 * 9 * 48
+    gen = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(shape, generator=gen) for name, shape in pooled.items()}
+    chosen = plan(tensors, Policy(min_numel=64), target_bpw=4.0)
+    assert chosen.tensor_floors == {"last": 13.0 - POOLED_FLOOR_RELIEF}
+    assert chosen.summary()["tensor_floors"] == {"last": 13.0 - POOLED_FLOOR_RELIEF}
+    assert plan(tensors, Policy(min_numel=64), target_bpw=4.0, sensitivity=dict.fromkeys(pooled, 1.0)).tensor_floors == {}
+
+
+def test_info_counts_the_pooled_convs_own_floor(tmp_path):
+    """A pooled conv between its own floor and the policy's is not listed below the floor."""
+    from qpack.allocate import POOLED_FLOOR_RELIEF
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"stem": (16, 1, 3, 3), "b1": (32, 16, 3, 3), "last": (96, 32, 3, 3), "fc": (10, 96)}
+    tensors = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+    path = tmp_path / "pooled.qpk"
+    report = qpack.pack(tensors, path, target_bpw=2.8, min_numel=64)
+    snr = {row.name: row.snr_db for row in report.tensors}
+    assert FLOOR - POOLED_FLOOR_RELIEF <= snr["last"] < FLOOR  # the tight budget takes the relief
+    allocation = qpack.info(path).allocation
+    assert allocation["tensor_floors"] == {"last": FLOOR - POOLED_FLOOR_RELIEF}
+    assert allocation["below_floor"] == []
+    assert min(snr[name] for name in ("stem", "b1", "fc")) >= FLOOR
 
 
 def weighted_error(report):

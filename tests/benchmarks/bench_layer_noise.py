@@ -76,7 +76,7 @@ def bench_network(name: str, arch: str, state: dict[str, torch.Tensor], inputs: 
         scores.append(float(np.mean(kls)) / rel ** 2)
     middle = scores[1:-1] if len(scores) > 2 else scores
     median = float(np.median(middle)) if middle else 1.0
-    weights = layer_weights({n: state[n].numel() for n in quantized})
+    weights = layer_weights({n: tuple(state[n].shape) for n in quantized})
     return {"name": name, "arch": arch, "rel": rel, "draws": draws,
             "layers": [{"tensor": n, "numel": state[n].numel(), "kl_per_rel2": s, "relative": s / median,
                         "default_weight": weights[n]} for n, s in zip(quantized, scores)]}
