@@ -250,6 +250,80 @@ class ExamplesNet(nn.Module):
         return self.fc2(F.dropout(F.relu(self.fc1(x)), 0.5, self.training))
 
 
+class VGGBN(nn.Module):
+    """A VGG-style BN CNN: two 3x3 conv-BN-ReLU at 32, max-pool, two at 64, max-pool, fc
+    3136-256 with dropout 0.5, fc 256-10 (a flattened head, 0.87 M parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(1, 32), conv_bn(32, 32), nn.MaxPool2d(2),
+                                      conv_bn(32, 64), conv_bn(64, 64), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(64 * 49, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features((x - MNIST_MEAN) / MNIST_STD).flatten(1))
+
+
+class TinyBN15k(nn.Module):
+    """A narrower BN CNN (15 k parameters): 8@28, pool, 16@14, pool, 32@7, 32@7, global
+    average, fc 32-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3, self.c4 = conv_bn(1, 8), conv_bn(8, 16), conv_bn(16, 32), conv_bn(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.c1((x - MNIST_MEAN) / MNIST_STD), 2)
+        x = F.max_pool2d(self.c2(x), 2)
+        return self.head(self.c4(self.c3(x)).mean((2, 3)))
+
+
+class GNNet(nn.Module):
+    """5x5 convs 32 and 64 with GroupNorm (8 groups) and max-pools, fc 3136-128-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(1, 32, 5, padding=2), nn.GroupNorm(8, 32)
+        self.conv2, self.gn2 = nn.Conv2d(32, 64, 5, padding=2), nn.GroupNorm(8, 64)
+        self.fc1, self.fc2 = nn.Linear(64 * 49, 128), nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.gn1(self.conv1((x - MNIST_MEAN) / MNIST_STD))), 2)
+        x = F.max_pool2d(F.relu(self.gn2(self.conv2(x))), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class TutorialNet(nn.Module):
+    """The older pytorch/examples MNIST network (21 k parameters): conv 10@5x5, conv 20@5x5
+    with Dropout2d, max-pools, fc 320-50 with dropout, fc 50-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 10, 5), nn.Conv2d(10, 20, 5)
+        self.conv2_drop = nn.Dropout2d()
+        self.fc1, self.fc2 = nn.Linear(320, 50), nn.Linear(50, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1((x - MNIST_MEAN) / MNIST_STD), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        return self.fc2(F.dropout(F.relu(self.fc1(x.flatten(1))), training=self.training))
+
+
+class DeepBN(nn.Module):
+    """Six 3x3 conv-BN-ReLU (24, 24/2, 48, 48/2, 64, 64/2: strided, no pooling), a flattened
+    fc 1024-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        chans = [(1, 24, 1), (24, 24, 2), (24, 48, 1), (48, 48, 2), (48, 64, 1), (64, 64, 2)]
+        self.body = nn.Sequential(*[conv_bn(a, b, stride) for a, b, stride in chans])
+        self.out = nn.Linear(64 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body((x - MNIST_MEAN) / MNIST_STD).flatten(1))
+
+
 class CharTransformer(nn.Module):
     """A GPT-style character model: token and position embeddings, pre-norm blocks (causal
     self-attention, GELU MLP), a final LayerNorm and an untied output layer."""
@@ -289,6 +363,11 @@ ARCHS: dict[str, tuple[type[nn.Module], str]] = {
     "resnet14": (ResNet14, "ResNet-14 (3 stages x 2 basic blocks, 16-32-64), BN, skip connections"),
     "mobilenet_dw": (MobileNetDW, "MobileNet-v1 style: depthwise-separable blocks 16-32-64-64-128, BN, ReLU6"),
     "examples_net": (ExamplesNet, "pytorch/examples MNIST net: conv 32-64, fc 9216-128-10, dropout"),
+    "vgg_bn": (VGGBN, "VGG-style BN CNN 32-32-64-64, fc 3136-256-10 with dropout"),
+    "tiny_bn15k": (TinyBN15k, "BN CNN 8-16-32-32, global average pool (15 k parameters)"),
+    "gn_net": (GNNet, "5x5 CNN 32-64 with GroupNorm, fc 3136-128-10"),
+    "tutorial_net": (TutorialNet, "older pytorch/examples MNIST net: conv 10-20 (5x5), fc 320-50-10, dropout"),
+    "deep_bn": (DeepBN, "six strided conv-BN layers 24-24-48-48-64-64, flattened fc 1024-10"),
     "char_transformer": (CharTransformer, "char transformer: 3 pre-norm layers, d_model 128, 4 heads, context 128"),
 }
 
@@ -366,6 +445,14 @@ ZOO: tuple[Entry, ...] = (
     Entry("mobilenet_dw_sgd_aug", "mobilenet_dw",
           Recipe("sgd", 0.1, epochs=2, nesterov=True, weight_decay=4e-5, augment=True, schedule="cosine"),
           notes="MobileNet's small weight decay (4e-5)"),
+    # added in the fourteenth session, trained first as a held-out check of the allocation
+    Entry("vgg_bn_sgd", "vgg_bn", Recipe("sgd", 0.05, epochs=2, weight_decay=5e-4, schedule="cosine")),
+    Entry("tiny_bn15k_sgd", "tiny_bn15k", Recipe("sgd", 0.1, epochs=3, nesterov=True, weight_decay=5e-4)),
+    Entry("gn_net_adamw", "gn_net", Recipe("adamw", 1e-3, epochs=2, weight_decay=0.05, augment=True, schedule="cosine")),
+    Entry("tutorial_net_sgd", "tutorial_net", Recipe("sgd", 0.01, epochs=5, batch=64, momentum=0.5, schedule="const"),
+          notes="the older pytorch/examples recipe: SGD lr 0.01, momentum 0.5, batch 64"),
+    Entry("deep_bn_adam", "deep_bn",
+          Recipe("adam", 1e-3, epochs=2, batch=256, weight_decay=1e-4, augment=True, schedule="step")),
     Entry("char_transformer_adamw", "char_transformer",
           Recipe("adamw", 2e-3, batch=16, weight_decay=0.1, schedule="cosine", steps=700), metric="loss",
           notes="Python 3.11 standard-library sources; last 10 % of the text held out"),
