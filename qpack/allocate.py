@@ -36,7 +36,7 @@ a time, the increase of KL divergence from the fp32 outputs), the first layer wa
 sensitive as the median middle layer on all nine MNIST networks, and the second 1.6-3.9x on
 six of the seven with four or more quantized tensors (0.8x on the Caffe LeNet; 24x on the
 character transformer, whose second is its position embedding); deeper layers were at
-0.1-1.3x, a ResNet's 1x1 shortcuts 2-4x; the last conv before a global average pool 0.07-0.16x
+0.1-1.3x, a ResNet's 1x1 shortcuts 2-4x; the last conv before a global average pool 0.09-0.12x
 (``pooled_conv``): the pool averages its noise, different at each position, away. Its floor
 is ``POOLED_FLOOR_RELIEF`` lower too. ``predicted_error`` is the weighted RMS of
 the per-layer relative errors, sqrt(E / sum_t w_t); ``--max-error`` bounds it.
@@ -105,10 +105,10 @@ SECOND_WEIGHT = 2.0
 #: weight of the last convolution when it feeds a global average pool (see ``pooled_conv``):
 #: its noise, different at every position of its output, is averaged away by the pool, while
 #: the features it computes are not. Measured (bench_layer_noise.py, Gaussian noise, per unit
-#: rel^2, over the median middle layer): 0.07 and 0.16 on two small BN CNNs, 0.09 on a ResNet,
-#: 0.10 on a MobileNet, every time the least sensitive layer of its network; with weight 1 the
-#: allocation gave it as many bits as the layer before it, which was 7-11x as sensitive. 0.25
-#: keeps a margin of 1.5-3.5x
+#: rel^2, over the median middle layer): 0.09 and 0.11 on two small BN CNNs, 0.10 on a ResNet,
+#: 0.12 on a MobileNet, every time the least sensitive layer of its network; with weight 1 the
+#: allocation gave it as many bits as the conv before it, 3-13x as sensitive. 0.25 keeps a
+#: margin of 2-3x
 POOLED_WEIGHT = 0.25
 #: kernels of at most this many positions count as a pooled conv (``pooled_conv``); a larger
 #: kernel on the last feature map, LeNet-5's 5x5 c5 on a 5x5 map, computes a single position
