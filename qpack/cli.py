@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "qpack.measure_sensitivity(..., path=FILE.json) measured on data")
     p.add_argument("--min-snr", type=float, metavar="DB",
                    help="with --target-bpw or --max-error: the quality floor, no quantized tensor below DB dB "
-                        "SNR; a target met only below it is refused (default 13)")
+                        "SNR (the conv before a global pool: 3 dB lower); a target met only below it is "
+                        "refused (default 13)")
     p.add_argument("--allow-below-floor", action="store_true",
                    help="let --target-bpw or --max-error go below the --min-snr floor")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
