@@ -210,6 +210,27 @@ class ResNet14(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ResNet20(nn.Module):
+    """He et al.'s CIFAR ResNet-20 on MNIST: a 3x3 stem at 16, three stages of three basic
+    blocks (16@28, 32@14, 64@7; 1x1-conv shortcuts where the shape changes), global average,
+    fc 64-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        stages, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            stages.append(nn.Sequential(Block(cin, cout, stride), Block(cout, cout, 1), Block(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1((x - MNIST_MEAN) / MNIST_STD)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(x.mean((2, 3)))
+
+
 class MobileNetDW(nn.Module):
     """A MobileNet-v1 style CNN: a 3x3 stem, four depthwise-separable blocks (3x3 depthwise
     conv-BN-ReLU6, 1x1 pointwise conv-BN-ReLU6; 16-32-64-64-128, two of stride 2), global
@@ -368,6 +389,7 @@ ARCHS: dict[str, tuple[type[nn.Module], str]] = {
     "gn_net": (GNNet, "5x5 CNN 32-64 with GroupNorm, fc 3136-128-10"),
     "tutorial_net": (TutorialNet, "older pytorch/examples MNIST net: conv 10-20 (5x5), fc 320-50-10, dropout"),
     "deep_bn": (DeepBN, "six strided conv-BN layers 24-24-48-48-64-64, flattened fc 1024-10"),
+    "resnet20": (ResNet20, "CIFAR-style ResNet-20 (3 stages x 3 basic blocks, 16-32-64), 1x1 shortcuts"),
     "char_transformer": (CharTransformer, "char transformer: 3 pre-norm layers, d_model 128, 4 heads, context 128"),
 }
 
@@ -453,6 +475,8 @@ ZOO: tuple[Entry, ...] = (
           notes="the older pytorch/examples recipe: SGD lr 0.01, momentum 0.5, batch 64"),
     Entry("deep_bn_adam", "deep_bn",
           Recipe("adam", 1e-3, epochs=2, batch=256, weight_decay=1e-4, augment=True, schedule="step")),
+    Entry("resnet20_sgd", "resnet20", Recipe("sgd", 0.1, epochs=1, weight_decay=1e-4),
+          notes="trained after the pooled-conv weight was chosen, as a check"),
     Entry("char_transformer_adamw", "char_transformer",
           Recipe("adamw", 2e-3, batch=16, weight_decay=0.1, schedule="cosine", steps=700), metric="loss",
           notes="Python 3.11 standard-library sources; last 10 % of the text held out"),
