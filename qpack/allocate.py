@@ -386,14 +386,17 @@ def describe_floors(tensor_floors: Mapping[str, Any]) -> str:
                    if isinstance(floor, (int, float)) and not isinstance(floor, bool))
 
 
-def layer_weights(shapes: Mapping[str, Sequence[int]], sensitivity: Mapping[str, float] | None = None) -> dict[str, float]:
-    """The objective's weight of each quantized tensor (``{name: shape}`` in file order).
+def layer_weights(shapes: Mapping[str, Sequence[int] | int], sensitivity: Mapping[str, float] | None = None
+                  ) -> dict[str, float]:
+    """The objective's weight of each quantized tensor (``{name: shape}`` in file order; a bare
+    element count, as this function once took, is a 1-D shape).
 
     Per layer: 1 each, ``EDGE_WEIGHT`` for the first and the last, ``SECOND_WEIGHT`` for the
     second where there are four or more, ``POOLED_WEIGHT`` for the convolution that feeds a
     global average pool (``pooled_conv``). With ``sensitivity``: numel * its weight (1 for
     names it lacks).
     """
+    shapes = {name: (shape,) if isinstance(shape, int) else tuple(shape) for name, shape in shapes.items()}
     if sensitivity is not None:
         return {name: math.prod(shape) * sensitivity.get(name, 1.0) for name, shape in shapes.items()}
     weights = dict.fromkeys(shapes, 1.0)

@@ -42,6 +42,8 @@ def test_default_weights_fall_from_the_input():
     assert list(layer_weights({"a": (9,), "b": (90,), "c": (900,), "d": (10,)}).values()) == [4.0, 2.0, 1.0, 4.0]
     assert list(layer_weights({"a": (9,), "b": (90,), "c": (10,)}).values()) == [4.0, 1.0, 4.0]  # no second among 3
     assert list(layer_weights({"a": (9,)}).values()) == [4.0]
+    assert layer_weights({"a": 9, "b": 90, "c": 900, "d": 10}) == layer_weights({"a": (9,), "b": (90,), "c": (900,),
+                                                                                "d": (10,)})  # counts, as before
 
 
 def test_the_conv_before_global_pooling_weighs_less_and_may_go_lower():
