@@ -199,6 +199,10 @@ class _Measured:
     #: quantized tensor -> dB its quality floor lies below the policy's (``POOLED_FLOOR_RELIEF``)
     floor_relief: dict[str, float] = field(default_factory=dict)
 
+    def own_floors(self, floor: float | None) -> dict[str, float]:
+        """The tensors whose floor differs from ``floor``, with theirs (none without a floor)."""
+        return {} if floor is None else {name: floor - relief for name, relief in self.floor_relief.items()}
+
     def confirm(self, columns: Mapping[str, int]) -> bool:
         """Encode the given columns where they are predicted, and put what they really cost
         in their place (and in every column of the same setting). True if any was predicted."""
@@ -380,10 +384,9 @@ def pooled_conv(shapes: Mapping[str, Sequence[int]]) -> str | None:
     return names[convs[-1]] if pooled and not shortcut else None
 
 
-def describe_floors(tensor_floors: Mapping[str, Any]) -> str:
+def describe_floors(tensor_floors: Mapping[str, float]) -> str:
     """The tensors' own floors (``Allocation.tensor_floors``) as a parenthesis after the floor."""
-    return "".join(f" ({floor:g} dB for {name}, the conv before global pooling)" for name, floor in tensor_floors.items()
-                   if isinstance(floor, (int, float)) and not isinstance(floor, bool))
+    return "".join(f" ({floor:g} dB for {name}, the conv before global pooling)" for name, floor in tensor_floors.items())
 
 
 def layer_weights(shapes: Mapping[str, Sequence[int] | int], sensitivity: Mapping[str, float] | None = None
@@ -705,14 +708,14 @@ def _sketch(name: str, tensor: torch.Tensor, decision: Decision, setting: _Setti
 
 
 def _apply_floor(trials: Mapping[str, list[_Trial]], floor: float | None,
-                 relief: Mapping[str, float]) -> dict[str, list[bool]]:
-    """Which candidates the floor allows: those at or above it (less a tensor's ``relief``, dB),
+                 own: Mapping[str, float]) -> dict[str, list[bool]]:
+    """Which candidates the floor allows: those at or above it (or a tensor's ``own`` floor),
     and each tensor's most accurate."""
     allowed = {}
     for name, row in trials.items():
         best = max(t.snr_db for t in row)
-        own = None if floor is None else floor - relief.get(name, 0.0)
-        allowed[name] = [own is None or t.snr_db >= own or t.snr_db == best for t in row]
+        limit = None if floor is None else own.get(name, floor)
+        allowed[name] = [limit is None or t.snr_db >= limit or t.snr_db == best for t in row]
     return allowed
 
 
@@ -756,8 +759,7 @@ class _Planner:
         chosen = {name: trials[name][column] for name, column in columns.items()}
         error = math.sqrt(sum(t.cost for t in chosen.values()) / max(sum(weights.values()), 1e-300))
         lowest = min((t.snr_db for t in chosen.values()), default=None)
-        own = {} if min_snr_db is None else {name: min_snr_db - relief
-                                             for name, relief in self.measured.floor_relief.items()}
+        own = self.measured.own_floors(min_snr_db)
         below = tuple(name for name, t in chosen.items()
                       if min_snr_db is not None and t.snr_db < own.get(name, min_snr_db))
         result = Allocation({name: Choice(t.bits, t.granularity, t.method, t.span) for name, t in chosen.items()},
@@ -792,7 +794,7 @@ def _confirmed(measured: _Measured, floor: float | None,
             # fails is every column encoded
             if last is not None:
                 measured.confirm_near(last, _NEAR_SIZE)
-            allowed = _apply_floor(measured.trials, floor, measured.floor_relief)
+            allowed = _apply_floor(measured.trials, floor, measured.own_floors(floor))
             encoded = {name: [ok and t.exact for ok, t in zip(allowed[name], row)]
                        for name, row in measured.trials.items()}
             columns = solve(encoded, True) if all(any(row) for row in encoded.values()) else None
@@ -800,7 +802,7 @@ def _confirmed(measured: _Measured, floor: float | None,
                 measured.settled = True
                 return columns, encoded
             measured.confirm_all()
-        allowed = _apply_floor(measured.trials, floor, measured.floor_relief)
+        allowed = _apply_floor(measured.trials, floor, measured.own_floors(floor))
         columns = solve(allowed, thorough)
         if columns is None and limited is not None:
             least = {name: int(np.argmin([t[limited] for t in row])) for name, row in _masked(measured, allowed).items()}
@@ -885,7 +887,7 @@ def _infeasible(measured: _Measured, planner: _Planner, target_bpw: float, floor
     trials = measured.trials
     name = max(columns, key=lambda n: trials[n][columns[n]].size - min(t.size for t in trials[n]))
     return (f"--target-bpw {target_bpw:g} would push some quantized tensors (e.g. {name!r}) below the quality "
-            f"floor of {floor:g} dB SNR{describe_floors({n: floor - r for n, r in measured.floor_relief.items()})}; "
+            f"floor of {floor:g} dB SNR{describe_floors(measured.own_floors(floor))}; "
             f"the smallest target that keeps every one above it is "
             f"{feasible:.2f} bits per weight (or lower the floor with --min-snr, or allow it with "
             f"--allow-below-floor)")

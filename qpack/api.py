@@ -353,10 +353,12 @@ def _allocation_of(metadata: Mapping[str, str], rows: list[TensorReport]) -> dic
         return None
     floor = found.get("min_snr_db")
     own = found.get("tensor_floors")
-    own = {name: dB for name, dB in own.items() if isinstance(dB, (int, float))} if isinstance(own, dict) else {}
+    # a file may hold anything there: keep the numbers (the floors info shows and counts by)
+    own = {name: dB for name, dB in own.items() if isinstance(dB, (int, float)) and not isinstance(dB, bool)
+           } if isinstance(own, dict) else {}
     snrs = {r.name: r.snr_db for r in rows if r.encoding != "raw" and isinstance(r.snr_db, (int, float))}
     return {"target_bpw": options.get("target_bpw"), "max_error": options.get("max_error"), **found,
-            "lowest_snr_db": min(snrs.values(), default=None),
+            "tensor_floors": own, "lowest_snr_db": min(snrs.values(), default=None),
             "below_floor": [name for name, snr in snrs.items()
                             if isinstance(floor, (int, float)) and snr < own.get(name, floor)]}
 

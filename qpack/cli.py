@@ -371,8 +371,7 @@ def _allocation_line(summary: dict[str, Any]) -> str:
     floor = summary.get("min_snr_db")
     lowest = summary.get("lowest_snr_db")
     below = summary.get("below_floor") or []
-    own = summary.get("tensor_floors")
-    own = describe_floors(own) if isinstance(own, dict) and floor is not None else ""
+    own = "" if floor is None else describe_floors(summary.get("tensor_floors") or {})
     return (f"allocation: {limit}, {summary.get('objective')} objective, predicted error "
             f"{summary.get('predicted_error')}, floor {'none' if floor is None else f'{floor:g} dB SNR'}{own}"
             f"{'' if lowest is None else f', lowest {lowest:.1f} dB'}"

@@ -69,8 +69,8 @@ def test_the_conv_before_global_pooling_weighs_less_and_may_go_lower():
     gen = torch.Generator().manual_seed(0)
     tensors = {name: torch.randn(shape, generator=gen) for name, shape in pooled.items()}
     chosen = plan(tensors, Policy(min_numel=64), target_bpw=4.0)
-    assert chosen.tensor_floors == {"last": 13.0 - POOLED_FLOOR_RELIEF}
-    assert chosen.summary()["tensor_floors"] == {"last": 13.0 - POOLED_FLOOR_RELIEF}
+    assert chosen.tensor_floors == {"last": FLOOR - POOLED_FLOOR_RELIEF}
+    assert chosen.summary()["tensor_floors"] == {"last": FLOOR - POOLED_FLOOR_RELIEF}
     assert plan(tensors, Policy(min_numel=64), target_bpw=4.0, sensitivity=dict.fromkeys(pooled, 1.0)).tensor_floors == {}
 
 
