@@ -39,8 +39,15 @@ DEFAULT_MIN_SNR_DB = 13.0
 #: the tensor's relative error, after BatchNorm as much as before. Random-like rows differ
 #: by well under 2x; at 4x a grid per channel (8 bytes per row) is worth it at any width.
 DEFAULT_CHANNEL_SPREAD = 4.0
-#: a channel this many times weaker than its tensor is dead (L1 or pruning), not shrunk
+#: a channel this many times weaker than its tensor (or all zeros) is one that a grid for the
+#: tensor rounds to a constant: a BatchNorm after it divides that constant's offset from its
+#: running mean by the channel's tiny running deviation (a decayed or reparametrised filter,
+#: 10^4 times weaker, broke a ResNet to 10 % accuracy at -b 8), so such a tensor gets a grid
+#: per channel at any width
 DEAD_CHANNEL = 1000.0
+#: the shortest rows that get grids of their own for such a channel: a stem conv's 3x3 kernels
+#: on one input channel (8 bytes of grid beside 9 indices)
+MIN_DEAD_ROW = 8
 #: the widest span a uniform grid may be given (``Decision.span``): twice the values' range is
 #: one width less, at the same step
 MAX_SPAN = 2.0
@@ -94,12 +101,15 @@ class Policy:
             refused with the smallest target met above it.
         allow_below_floor: let an allocation choose candidates below ``min_snr_db``.
         channel_spread: with ``method="uniform"`` and ``granularity="tensor"``, a >= 2-D
-            tensor whose weakest (nonzero) channel has an RMS more than this many times below
-            the tensor's gets a grid per channel instead (one grid would give that channel
-            this many times the tensor's relative error, and a BatchNorm after it keeps it),
-            at 6 bits or more and if its rows hold at least 256 bits of indices; None keeps
-            one grid per tensor always. The only decision made from the values. It applies to
-            the tensors in ``normalized`` only.
+            tensor whose weakest channel has an RMS more than this many times below the
+            tensor's gets a grid per channel instead (one grid would give that channel this
+            many times the tensor's relative error, and a BatchNorm after it keeps it), at 6
+            bits or more if its rows hold at least 256 bits of indices, and at any width where
+            a channel is more than ``DEAD_CHANNEL`` times weaker or all zeros (one grid rounds
+            it to a constant, which the BatchNorm blows up) on rows of 8 values or more; an
+            allocation tries grids per channel in place of one grid at those widths. None
+            keeps one grid per tensor always. The only decision made from the values. It
+            applies to the tensors in ``normalized`` only.
         normalized: names of the weights whose outputs a BatchNorm normalises (its running
             statistics follow the weight's module in the state dict, one per output channel:
             :func:`normalized_outputs`; ``pack`` finds them). Without a BatchNorm a weak
@@ -255,6 +265,24 @@ class Policy:
         return (dict(self.bits_by_name), dict(self.granularity_by_name), dict(self.method_by_name),
                 dict(self.span_by_name))
 
+    def spread_of(self, name: str, tensor: torch.Tensor, bits: int | None = None) -> str | None:
+        """Why this weight needs a grid per channel at ``bits`` (the policy's by default), or
+        None: a BatchNorm follows it (``normalized``) and a channel is more than ``channel_spread``
+        times weaker than the tensor, at 6 bits or more (below, granularity is a size trade the
+        user or the allocation makes) on rows long enough that 8 bytes of grid stay within a
+        quarter of their indices; or a channel is more than ``DEAD_CHANNEL`` times weaker or all
+        zeros, at any width, on rows of ``MIN_DEAD_ROW`` values or more (one grid breaks that
+        channel; a grid per channel on shorter rows would cost more than the values raw)."""
+        bits = self.bits if bits is None else bits
+        if (self.channel_spread is None or tensor.dim() < 2 or tensor.shape[0] < 2
+                or not (self.normalized is None or name in self.normalized)):
+            return None
+        spread, row = channel_spread(tensor), tensor.numel() // tensor.shape[0]
+        if not (spread > DEAD_CHANNEL and row >= MIN_DEAD_ROW
+                or spread > self.channel_spread and bits >= 6 and row * bits >= 256):
+            return None
+        return "a channel of zeros" if math.isinf(spread) else f"a channel {spread:.0f}x weaker than the tensor"
+
     def _decide(self, name: str, tensor: torch.Tensor) -> Decision:
         dtype_name = name_of_dtype(tensor.dtype)
         if dtype_name is None or not is_float_name(dtype_name):
@@ -272,15 +300,8 @@ class Policy:
         if tensor.dim() >= 2:
             if tensor.numel() < self.min_numel:
                 return Decision("raw", 0, "tensor", f"small (< {self.min_numel} elements)")
-            # 6 bits or more (below, granularity is a size trade the user or the allocation
-            # makes), and rows long enough that 8 bytes of grid stay within a quarter of their indices
-            wide = self.bits >= 6 and tensor.numel() // tensor.shape[0] * self.bits >= 256
-            scoped = self.normalized is None or name in self.normalized
-            if kind == "tensor" and self.method == "uniform" and self.channel_spread is not None and wide and scoped:
-                spread = channel_spread(tensor)
-                if spread > self.channel_spread:
-                    return Decision(self.method, self.bits, "channel", f"weight; a channel {spread:.0f}x weaker "
-                                    "than the tensor: a grid per channel", 0, self.prune)
+            if kind == "tensor" and self.method == "uniform" and (spread := self.spread_of(name, tensor)) is not None:
+                return Decision(self.method, self.bits, "channel", f"weight; {spread}: a grid per channel", 0, self.prune)
             return Decision(self.method, self.bits, kind, "weight", group_size, self.prune)
         if self.bias_bits is not None:
             return Decision(self.method, self.bias_bits, "tensor", "1-D (--bias-bits)")
@@ -309,17 +330,18 @@ def normalized_outputs(tensors: Mapping[str, torch.Tensor]) -> frozenset[str]:
 
 
 def channel_spread(tensor: torch.Tensor) -> float:
-    """The tensor's RMS over its weakest nonzero channel's (slices along dim 0); 1 for fewer
-    than two such channels, or when some channel is dead (more than ``DEAD_CHANNEL`` times
-    weaker, or all zeros: L1-trained or pruned weights, where one grid and entropy-coded
-    indices cost least and a grid per channel would spend bits on the dead ones); NaN or Inf
-    for non-finite values."""
+    """The tensor's RMS over its weakest channel's (slices along dim 0): 1 for fewer than two
+    channels, Inf when a channel is all zeros, NaN for non-finite values."""
     if tensor.dim() < 2 or tensor.shape[0] < 2 or tensor.numel() == 0:
         return 1.0
     squares = torch.linalg.vector_norm(tensor.reshape(tensor.shape[0], -1), dim=1, dtype=torch.float64) ** 2
     row = tensor.numel() // tensor.shape[0]
-    spread = math.sqrt(float(squares.sum()) / tensor.numel() / max(float(squares.min()) / row, 1e-300))
-    return 1.0 if spread > DEAD_CHANNEL else spread
+    total, weakest = float(squares.sum()), float(squares.min())
+    if not (math.isfinite(total) and math.isfinite(weakest)):
+        return math.nan
+    if total == 0:
+        return 1.0
+    return math.inf if weakest == 0 else math.sqrt(total / tensor.numel() / (weakest / row))
 
 
 def parse_granularity(text: str) -> tuple[str, int]:
